@@ -1,0 +1,11 @@
+//! Running and talking to PostgreSQL servers.
+//!
+//! * [`bin`]: finding the server binaries of an installed PostgreSQL;
+//! * [`cluster`]: throwaway clusters (initdb, start, stop, kill, base backups)
+//!   on free loopback ports, used by `waltail demo`, `waltail bench` and the tests.
+
+pub mod bin;
+pub mod cluster;
+
+pub use bin::PgBin;
+pub use cluster::{Cluster, ClusterOptions};

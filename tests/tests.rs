@@ -1,0 +1,8 @@
+//! All integration tests, compiled into one binary (as ripgrep does); each
+//! module is one area. They run against real PostgreSQL servers.
+
+mod util;
+
+mod fuzz;
+mod harness;
+mod inspect;
