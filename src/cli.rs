@@ -10,8 +10,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::tls::TlsOptions;
+use crate::proto::Secret;
+use crate::wal::Lsn;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
@@ -20,6 +26,7 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 #[derive(Parser, Debug)]
 #[command(
     name = "waltail",
+    propagate_version = true,
     version,
     about = "Stream a PostgreSQL primary's live WAL to a standby in byte ranges",
     after_help = "Exit codes: 0 success, 1 operation failed, 2 bad input.\n\nExample:\n  waltail inspect /var/lib/postgresql/15/main/pg_wal/000000010000000000000003 --json"
@@ -27,6 +34,71 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "WALTAIL_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses "10ms", "1ms", "2s", "500us".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 10ms or 2s: {e}"))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AuthArgs {
+    /// File holding the shared secret (the same file on both hosts).
+    #[arg(
+        long,
+        env = "WALTAIL_SECRET_FILE",
+        required_unless_present = "insecure_no_auth"
+    )]
+    pub secret_file: Option<PathBuf>,
+    /// Run without authentication. For local demos only: anyone who can reach
+    /// the receiver could write WAL into the standby's spool.
+    #[arg(long, conflicts_with = "secret_file")]
+    pub insecure_no_auth: bool,
+    /// TLS certificate (PEM): the receiver's server certificate, or the shipper's client certificate.
+    #[arg(long, env = "WALTAIL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, env = "WALTAIL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM): the shipper verifies the receiver with it; the
+    /// receiver, when given one, requires shippers to present a certificate it signed.
+    #[arg(long, env = "WALTAIL_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    pub fn secret(&self) -> Result<Secret, String> {
+        match (&self.secret_file, self.insecure_no_auth) {
+            (_, true) => Ok(Secret::insecure_none()),
+            (Some(p), false) => Secret::from_file(p),
+            (None, false) => {
+                Err("--secret-file is required (or --insecure-no-auth for a local demo)".into())
+            }
+        }
+    }
+    pub fn tls(&self) -> TlsOptions {
+        TlsOptions {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -42,16 +114,160 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ship the primary's flushed WAL to a receiver as it is written (run on the primary's host).
+    #[command(
+        after_help = "Example:\n  waltail ship --primary 'host=/var/run/postgresql user=postgres' \\\n      --receiver standby.example.com:5433 --secret-file /etc/waltail/secret\n\nThe role needs superuser (it reads pg_control, data_directory and manages a replication slot).\nExit codes: 0 stopped by SIGTERM/SIGINT, 1 a fatal error (WAL gone, refused by the receiver), 2 bad arguments."
+    )]
+    Ship(ShipArgs),
+    /// Receive WAL from a shipper into a spool directory (run on the standby's host).
+    #[command(
+        after_help = "Example:\n  waltail receive --listen 0.0.0.0:5433 --spool /var/lib/waltail/spool \\\n      --secret-file /etc/waltail/secret\n\nExit codes: 0 stopped by SIGTERM/SIGINT, 1 a fatal error, 2 bad arguments."
+    )]
+    Receive(ReceiveArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ShipArgs {
+    /// libpq conninfo of the primary; PGHOST, PGPORT, PGUSER, PGDATABASE fill in what it leaves out.
+    #[arg(long, env = "WALTAIL_PRIMARY", default_value = "")]
+    pub primary: String,
+    /// The receiver, as host:port.
+    #[arg(long, env = "WALTAIL_RECEIVER")]
+    pub receiver: String,
+    /// How often to poll the flush position (1ms to 10s).
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Physical replication slot that keeps unshipped WAL on the primary.
+    #[arg(long, default_value = "waltail")]
+    pub slot: String,
+    /// Do not use a replication slot (WAL may be recycled before it is shipped).
+    #[arg(long)]
+    pub no_slot: bool,
+    /// Where a new spool starts (default: the slot's restart LSN).
+    #[arg(long)]
+    pub start_lsn: Option<Lsn>,
+    /// The primary's pg_wal directory (default: <data_directory>/pg_wal).
+    #[arg(long)]
+    pub pg_wal: Option<PathBuf>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReceiveArgs {
+    /// Address to listen on.
+    #[arg(long, env = "WALTAIL_LISTEN")]
+    pub listen: String,
+    /// Spool directory (created 0700).
+    #[arg(long, env = "WALTAIL_SPOOL")]
+    pub spool: PathBuf,
+    /// Close a streaming connection after this long without a frame.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Connections served at once.
+    #[arg(long, default_value_t = 8)]
+    pub max_connections: usize,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 /// Runs the command line; the binary's `main` is only this.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     ExitCode::from(run(cli))
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WALTAIL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
+}
+
+/// A runtime, and a token cancelled by SIGTERM or SIGINT.
+fn runtime() -> (tokio::runtime::Runtime, CancellationToken) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let token = CancellationToken::new();
+    let t = token.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        t.cancel();
+    });
+    (rt, token)
+}
+
+fn bad_input(cmd: &str, e: impl std::fmt::Display) -> u8 {
+    eprintln!("waltail {cmd}: {e}");
+    EXIT_BAD_INPUT
+}
+
+fn failed(cmd: &str, e: &anyhow::Error) -> u8 {
+    eprintln!("waltail {cmd}: {e:#}");
+    EXIT_FAILED
 }
 
 fn run(cli: Cli) -> u8 {
     match cli.command {
+        Command::Ship(a) => {
+            if a.interval < Duration::from_millis(1) || a.interval > Duration::from_secs(10) {
+                return bad_input("ship", "--interval must be between 1ms and 10s");
+            }
+            let secret = match a.auth.secret() {
+                Ok(s) => s,
+                Err(e) => return bad_input("ship", e),
+            };
+            let mut cfg = crate::ship::ShipConfig::new(&a.primary, &a.receiver, secret);
+            cfg.tls = a.auth.tls();
+            cfg.interval = a.interval;
+            cfg.slot = (!a.no_slot).then_some(a.slot);
+            cfg.start_lsn = a.start_lsn;
+            cfg.pg_wal = a.pg_wal;
+            let (rt, token) = runtime();
+            let (tx, _rx) = tokio::sync::watch::channel(Default::default());
+            match rt.block_on(crate::ship::run(cfg, token, tx)) {
+                Ok(()) => EXIT_OK,
+                Err(e) => failed("ship", &e),
+            }
+        }
+        Command::Receive(a) => {
+            let secret = match a.auth.secret() {
+                Ok(s) => s,
+                Err(e) => return bad_input("receive", e),
+            };
+            let mut cfg = crate::receive::ReceiveConfig::new(&a.listen, a.spool, secret);
+            cfg.tls = a.auth.tls();
+            cfg.idle_timeout = a.idle_timeout;
+            cfg.max_connections = a.max_connections.max(1);
+            let (rt, token) = runtime();
+            let r = rt.block_on(async move {
+                let rx = crate::receive::Receiver::bind(cfg).await?;
+                rx.run(token).await
+            });
+            match r {
+                Ok(()) => EXIT_OK,
+                Err(e) => failed("receive", &e),
+            }
+        }
         Command::Inspect { file, json } => match crate::inspect::inspect(&file) {
             Ok(report) => {
                 if json {

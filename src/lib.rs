@@ -10,4 +10,8 @@ pub mod cli;
 pub mod fsio;
 pub mod inspect;
 pub mod pg;
+pub mod proto;
+pub mod receive;
+pub mod ship;
+pub mod spool;
 pub mod wal;

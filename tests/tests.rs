@@ -6,3 +6,4 @@ mod util;
 mod fuzz;
 mod harness;
 mod inspect;
+mod stream;

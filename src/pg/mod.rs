@@ -5,6 +5,7 @@
 //!   on free loopback ports, used by `waltail demo`, `waltail bench` and the tests.
 
 pub mod bin;
+pub mod client;
 pub mod cluster;
 
 pub use bin::PgBin;

@@ -9,6 +9,7 @@
 //! Nothing here does I/O; callers hand in bytes. Nothing here panics on any
 //! bytes it is given.
 
+pub mod history;
 pub mod lsn;
 pub mod page;
 pub mod record;

@@ -190,3 +190,305 @@ pub fn seed() -> u64 {
     eprintln!("WALTAIL_SEED={s}");
     s
 }
+
+/// A waltail daemon started from the command line, killed when dropped.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Daemon {
+    /// Starts `waltail ARGS` as the server user (so the spool it writes is
+    /// readable by the server's restore_command), logging to `log`.
+    pub fn start(name: &str, args: &[String], log: PathBuf) -> Daemon {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(waltail_bin());
+        cmd.args(args)
+            .env("WALTAIL_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f);
+        if let Some(r) = waltail::pg::cluster::RunAs::for_servers().unwrap() {
+            r.chown(&log).unwrap();
+            r.apply(&mut cmd);
+        }
+        let child = cmd.spawn().expect("starting waltail");
+        Daemon {
+            child,
+            log,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit code (SIGKILL after 20 s).
+    pub fn terminate(&mut self) -> Option<i32> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            if std::time::Instant::now() > deadline {
+                self.kill9();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit by itself (bounded).
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "{} did not exit within {secs} s; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A working directory for a test's spool, secrets and logs, writable by
+/// the server user; removed at the end.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Workdir {
+        let dir = tempfile::Builder::new()
+            .prefix("waltail-test-")
+            .tempdir()
+            .unwrap();
+        if let Some(r) = waltail::pg::cluster::RunAs::for_servers().unwrap() {
+            r.chown(dir.path()).unwrap();
+        }
+        Workdir { dir }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// A secret file readable only by the server user.
+    pub fn secret(&self, name: &str, value: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, value).unwrap();
+        if let Some(r) = waltail::pg::cluster::RunAs::for_servers().unwrap() {
+            r.chown(&p).unwrap();
+        }
+        p
+    }
+}
+
+/// Starts a receiver on a free loopback port; returns it and its address.
+pub fn start_receiver(
+    w: &Workdir,
+    spool: &Path,
+    secret: &Path,
+    extra: &[&str],
+) -> (Daemon, String) {
+    let port = waltail::pg::cluster::free_port().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let mut args: Vec<String> = vec![
+        "receive".into(),
+        "--listen".into(),
+        addr.clone(),
+        "--spool".into(),
+        spool.to_str().unwrap().into(),
+        "--secret-file".into(),
+        secret.to_str().unwrap().into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let d = Daemon::start("receive", &args, w.path(&format!("receive-{port}.log")));
+    // Listening once the spool says so.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receiver did not listen:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (d, addr)
+}
+
+/// Starts a shipper from `c` to `addr`.
+pub fn start_shipper(
+    w: &Workdir,
+    c: &Cluster,
+    addr: &str,
+    secret: &Path,
+    extra: &[&str],
+) -> Daemon {
+    let mut args: Vec<String> = vec![
+        "ship".into(),
+        "--primary".into(),
+        c.conninfo(),
+        "--receiver".into(),
+        addr.into(),
+        "--secret-file".into(),
+        secret.to_str().unwrap().into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let n = std::fs::read_dir(w.dir.path()).unwrap().count();
+    Daemon::start("ship", &args, w.path(&format!("ship-{n}.log")))
+}
+
+/// The spool's durable position.
+pub fn spool_position(spool: &Path) -> Option<(waltail::wal::TimelineId, Lsn)> {
+    waltail::spool::Spool::open(spool).ok()?.position().ok()?
+}
+
+/// Waits until the spool holds `lsn` durably (bounded), or panics with logs.
+pub fn wait_durable(spool: &Path, lsn: Lsn, secs: u64, logs: &[&Daemon]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some((_, l)) = spool_position(spool) {
+            if l >= lsn {
+                return;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            let mut msg = format!(
+                "spool did not reach {lsn} within {secs} s (at {:?})\n",
+                spool_position(spool)
+            );
+            for d in logs {
+                msg.push_str(&format!("--- {} log:\n{}\n", d.name, d.log_text()));
+            }
+            panic!("{msg}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The server's current flush LSN.
+pub fn flush_lsn(c: &Cluster) -> Lsn {
+    c.psql("select pg_current_wal_flush_lsn()")
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Runs pgbench with bounded time.
+pub fn pgbench(c: &Cluster, args: &[&str]) {
+    let out = Command::new(c.bin.tool("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &c.port.to_string(),
+        ])
+        .args(args)
+        .arg("postgres")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pgbench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts every complete segment in the spool equals the archive's copy and
+/// the spool's .partial equals pg_wal's file up to the durable position.
+/// Returns how many complete segments were compared.
+pub fn assert_spool_matches(spool: &Path, c: &Cluster, seg_size: u64) -> usize {
+    let archive = c.archive.clone().expect("cluster with archive");
+    let (tli, durable) = spool_position(spool).expect("spool has a position");
+    let mut compared = 0;
+    let mut names: Vec<String> = std::fs::read_dir(spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    names.sort();
+    for n in &names {
+        let ours = std::fs::read(spool.join(n)).unwrap();
+        assert_eq!(ours.len() as u64, seg_size, "{n} is complete-size");
+        let theirs = wait_file(&archive.join(n), 30);
+        assert!(
+            ours == theirs,
+            "spool segment {n} differs from the archive's copy"
+        );
+        compared += 1;
+    }
+    let seg = waltail::wal::SegmentName::of_lsn(
+        tli,
+        durable,
+        waltail::wal::SegmentSize::new(seg_size).unwrap(),
+    );
+    let off = durable.segment_offset(waltail::wal::SegmentSize::new(seg_size).unwrap()) as usize;
+    if off > 0 {
+        let name = seg.file_name(waltail::wal::SegmentSize::new(seg_size).unwrap());
+        let ours = std::fs::read(spool.join(format!("{name}.partial"))).unwrap();
+        let theirs = std::fs::read(c.pg_wal().join(&name)).unwrap();
+        assert!(
+            ours[..off] == theirs[..off],
+            "{name}.partial differs from pg_wal below the durable {durable}"
+        );
+    }
+    compared
+}
+
+/// Reads a file once it exists (bounded wait).
+pub fn wait_file(p: &Path, secs: u64) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Ok(b) = std::fs::read(p) {
+            return b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            p.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+pub fn archived_cluster(name: &str) -> Cluster {
+    cluster(
+        name,
+        ClusterOptions {
+            wal_segsize_mb: 1,
+            archive: true,
+            ..Default::default()
+        },
+    )
+}

@@ -1,0 +1,174 @@
+//! Talking to a running server with tokio-postgres: connecting from a
+//! conninfo string (or the PG* environment variables), and the few facts
+//! waltail asks a server for.
+
+use anyhow::{Context, Result};
+use tokio_postgres::{Client, NoTls};
+
+use crate::wal::{Lsn, SegmentSize, TimelineId};
+
+/// Connects; the connection task runs in the background until the client drops.
+pub async fn connect(conninfo: &str) -> Result<Client> {
+    let cfg = conninfo_with_env(conninfo);
+    let (client, conn) = tokio_postgres::connect(&cfg, NoTls)
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL ({})", redact(&cfg)))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// libpq-style defaults from PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD
+/// for keys the conninfo does not set.
+pub fn conninfo_with_env(conninfo: &str) -> String {
+    let mut s = conninfo.trim().to_string();
+    for (key, var) in [
+        ("host", "PGHOST"),
+        ("port", "PGPORT"),
+        ("user", "PGUSER"),
+        ("dbname", "PGDATABASE"),
+        ("password", "PGPASSWORD"),
+    ] {
+        let has = s
+            .split_whitespace()
+            .any(|kv| kv.split('=').next().map(str::trim) == Some(key));
+        if !has {
+            if let Ok(v) = std::env::var(var) {
+                s.push_str(&format!(
+                    " {key}='{}'",
+                    v.replace('\\', "\\\\").replace('\'', "\\'")
+                ));
+            }
+        }
+    }
+    s.trim().to_string()
+}
+
+/// The conninfo without its password, for messages.
+pub fn redact(conninfo: &str) -> String {
+    conninfo
+        .split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What waltail needs to know about a server.
+#[derive(Clone, Debug)]
+pub struct ServerInfo {
+    pub sysid: u64,
+    pub seg_size: SegmentSize,
+    /// `server_version_num`, e.g. 150018.
+    pub version_num: u32,
+    pub data_directory: String,
+    pub in_recovery: bool,
+}
+
+impl ServerInfo {
+    pub fn major(&self) -> u32 {
+        self.version_num / 10000
+    }
+}
+
+pub async fn server_info(c: &Client) -> Result<ServerInfo> {
+    let row = c
+        .query_one(
+            "SELECT (SELECT system_identifier FROM pg_control_system())::text,
+                    current_setting('wal_segment_size'),
+                    current_setting('server_version_num')::int,
+                    current_setting('data_directory'),
+                    pg_is_in_recovery()",
+            &[],
+        )
+        .await
+        .context("reading the server's identity (system identifier, wal_segment_size, data_directory; needs superuser or pg_read_all_settings and pg_monitor)")?;
+    let sysid: String = row.get(0);
+    let seg: String = row.get(1);
+    let version: i32 = row.get(2);
+    Ok(ServerInfo {
+        sysid: sysid.parse().context("system identifier")?,
+        seg_size: parse_size(&seg)
+            .and_then(SegmentSize::new)
+            .with_context(|| format!("wal_segment_size {seg:?}"))?,
+        version_num: version as u32,
+        data_directory: row.get(3),
+        in_recovery: row.get(4),
+    })
+}
+
+/// Parses "16MB", "1GB", "16777216" into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("GB") {
+        (n, 1u64 << 30)
+    } else if let Some(n) = s.strip_suffix("MB") {
+        (n, 1 << 20)
+    } else if let Some(n) = s.strip_suffix("kB") {
+        (n, 1 << 10)
+    } else {
+        (s, 1)
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// The flushed end of WAL, with what `pg_walfile_name_offset` says of it.
+#[derive(Clone, Debug)]
+pub struct FlushPoint {
+    pub lsn: Lsn,
+    pub file_name: String,
+    pub file_offset: u64,
+}
+
+impl FlushPoint {
+    /// The timeline WAL is being written on (from the file name).
+    pub fn timeline(&self) -> Option<TimelineId> {
+        let t = self.file_name.get(0..8)?;
+        u32::from_str_radix(t, 16).ok().map(TimelineId)
+    }
+}
+
+pub async fn flush_point(c: &Client) -> Result<FlushPoint> {
+    let row = c
+        .query_one(
+            "SELECT l::text, (pg_walfile_name_offset(l)).file_name, (pg_walfile_name_offset(l)).file_offset
+               FROM pg_current_wal_flush_lsn() l",
+            &[],
+        )
+        .await
+        .context("polling pg_walfile_name_offset(pg_current_wal_flush_lsn())")?;
+    let lsn: String = row.get(0);
+    let off: i32 = row.get(2);
+    Ok(FlushPoint {
+        lsn: lsn.parse()?,
+        file_name: row.get(1),
+        file_offset: off.max(0) as u64,
+    })
+}
+
+pub async fn current_lsn(c: &Client) -> Result<Lsn> {
+    let row = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?;
+    let s: String = row.get(0);
+    Ok(s.parse()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_conninfo() {
+        assert_eq!(parse_size("16MB"), Some(16 << 20));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(redact("host=a password=secret"), "host=a password=***");
+    }
+}

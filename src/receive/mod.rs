@@ -1,0 +1,404 @@
+//! `waltail receive`: the daemon on the standby host that takes WAL from a
+//! shipper and keeps it durably in the spool.
+//!
+//! One shipper streams at a time. A second shipper for the same cluster is
+//! refused with "busy" while the first is connected (the first may be a
+//! stalled process that still holds the primary's slot; it is dropped after
+//! `idle_timeout` without frames, after which the next one is taken). A
+//! shipper from another cluster, or any shipper after a failover fenced the
+//! spool, is refused with the reason. Authentication comes first, with a
+//! deadline on each step, and at most `max_connections` connections are
+//! served at once, so idle or hostile clients cannot exhaust the receiver.
+//!
+//! Acks report only what is fsynced. On a write error (a full disk, a failed
+//! fsync) the receiver logs the reason, acks nothing more, drops what was not
+//! durable and closes the connection; the shipper reconnects and resumes at
+//! the durable position once the problem is gone.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::proto::conn::{server_auth, HANDSHAKE_TIMEOUT};
+use crate::proto::tls::TlsOptions;
+use crate::proto::{BoxIo, Frame, FrameReader, FrameWriter, Hello, ProtoError, Secret};
+use crate::spool::writer::SpoolWriter;
+use crate::spool::{now_ms, ReceiverStatus, Spool, SpoolMeta, RECEIVER_LOCK};
+use crate::wal::{SegmentSize, TimelineId};
+
+#[derive(Clone, Debug)]
+pub struct ReceiveConfig {
+    pub listen: String,
+    pub spool: PathBuf,
+    pub secret: Secret,
+    pub tls: TlsOptions,
+    /// A streaming connection with no frame for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once (streaming or handshaking).
+    pub max_connections: usize,
+}
+
+impl ReceiveConfig {
+    pub fn new(listen: &str, spool: PathBuf, secret: Secret) -> Self {
+        ReceiveConfig {
+            listen: listen.to_string(),
+            spool,
+            secret,
+            tls: TlsOptions::default(),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 8,
+        }
+    }
+}
+
+struct Shared {
+    cfg: ReceiveConfig,
+    spool: Spool,
+    /// The writer, created when the spool's segment size is known; the lock
+    /// also makes sure only one session streams at a time.
+    writer: Mutex<Option<SpoolWriter>>,
+    status: std::sync::Mutex<ReceiverStatus>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Shared {
+    fn update_status(&self, f: impl FnOnce(&mut ReceiverStatus)) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+        s.updated_at_ms = now_ms();
+        if let Err(e) = self.spool.write_status(&s) {
+            warn!(
+                "cannot write {}: {e}",
+                self.spool.path("status.json").display()
+            );
+        }
+    }
+}
+
+/// A bound receiver, ready to run (bind first so callers learn the port).
+pub struct Receiver {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Receiver {
+    pub async fn bind(cfg: ReceiveConfig) -> anyhow::Result<Receiver> {
+        let spool = Spool::create(&cfg.spool)?;
+        let lock_file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(spool.path(RECEIVER_LOCK))
+            .with_context(|| format!("opening {}", spool.path(RECEIVER_LOCK).display()))?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "another waltail receive is already running on spool {}",
+                    spool.dir.display()
+                )
+            })?;
+        let tls = cfg.tls.acceptor().map_err(anyhow::Error::msg)?;
+        if cfg.secret.is_none() {
+            warn!("AUTHENTICATION IS OFF (--insecure-no-auth): anyone who can reach {} can write WAL into this standby's spool; use this for local demos only", cfg.listen);
+        }
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let status = ReceiverStatus {
+            pid: std::process::id(),
+            listen: listener.local_addr()?.to_string(),
+            state: if spool.is_fenced() {
+                "fenced"
+            } else {
+                "waiting"
+            }
+            .into(),
+            ..Default::default()
+        };
+        let shared = Arc::new(Shared {
+            spool,
+            writer: Mutex::new(None),
+            status: std::sync::Mutex::new(status),
+            tls,
+            cfg,
+        });
+        shared.update_status(|_| {});
+        Ok(Receiver {
+            listener,
+            shared,
+            _lock: lock,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        info!(listen = %self.local_addr(), spool = %self.shared.spool.dir.display(), "receiver listening");
+        let slots = Arc::new(Semaphore::new(self.shared.cfg.max_connections));
+        loop {
+            let (sock, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => { warn!("accept failed: {e}"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+                },
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                warn!(%peer, "refused: {} connections already open", self.shared.cfg.max_connections);
+                continue;
+            };
+            let shared = self.shared.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    tokio::select! {
+                        r = session(shared.clone(), sock, peer) => match r {
+                            Ok(()) => info!("shipper disconnected"),
+                            Err(e) => {
+                                warn!("connection closed: {e:#}");
+                                shared.update_status(|s| s.last_error = Some(format!("{e:#}")));
+                            }
+                        },
+                        _ = stop.cancelled() => {}
+                    }
+                }
+                .instrument(info_span!("conn", %peer)),
+            );
+        }
+        // Shut down cleanly: make what was written durable.
+        let mut w = self.shared.writer.lock().await;
+        if let Some(w) = w.as_mut() {
+            let _ = tokio::task::block_in_place(|| w.sync());
+        }
+        self.shared.update_status(|s| {
+            s.state = "stopped".into();
+            s.peer = None;
+        });
+        info!("receiver stopped");
+        Ok(())
+    }
+}
+
+async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+    let _ = sock.set_nodelay(true);
+    let io: BoxIo = match &shared.tls {
+        Some(acc) => Box::new(
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(sock))
+                .await
+                .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))?
+                .context("TLS handshake")?,
+        ),
+        None => Box::new(sock),
+    };
+    let (r, w) = tokio::io::split(io);
+    let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+    if let Err(e) = server_auth(&mut r, &mut w, &shared.cfg.secret).await {
+        warn!("refused unauthenticated peer: {e}");
+        bail!("authentication: {e}");
+    }
+    let hello = match r.expect(HANDSHAKE_TIMEOUT, "Hello").await? {
+        Frame::Hello(h) => h,
+        other => bail!("expected Hello, got {}", other.name()),
+    };
+    // One streaming session at a time.
+    let Ok(mut guard) = shared.writer.try_lock() else {
+        let reason = "busy: another shipper is streaming into this spool".to_string();
+        let _ = w
+            .send(&Frame::Refuse {
+                reason: reason.clone(),
+            })
+            .await;
+        bail!("{reason}");
+    };
+    if let Err(reason) = admit(&shared, &hello, &mut guard) {
+        warn!("refused shipper: {reason}");
+        let _ = w
+            .send(&Frame::Refuse {
+                reason: reason.clone(),
+            })
+            .await;
+        bail!("{reason}");
+    }
+    let writer = guard.as_mut().expect("admit set the writer");
+    let position = writer.durable();
+    w.send(&Frame::Welcome { position }).await?;
+    info!(sysid = hello.sysid, tli = %hello.tli, ?position, "shipper admitted");
+    shared.update_status(|s| {
+        s.state = "streaming".into();
+        s.peer = Some(peer.to_string());
+        s.timeline = position.map(|p| p.0);
+        s.durable_lsn = position.map(|p| p.1);
+        s.primary_flush_lsn = Some(hello.flush);
+        s.primary_seen_at_ms = Some(now_ms());
+        s.last_error = None;
+    });
+    let r = stream(&shared, &mut r, &mut w, writer).await;
+    if let Err(e) = &r {
+        let _ = w
+            .send(&Frame::Refuse {
+                reason: format!("{e:#}"),
+            })
+            .await;
+    }
+    shared.update_status(|s| {
+        if s.state == "streaming" {
+            s.state = "waiting".into();
+        }
+        s.peer = None;
+    });
+    r
+}
+
+/// Checks a shipper's Hello against the spool; sets up the writer.
+fn admit(shared: &Shared, hello: &Hello, writer: &mut Option<SpoolWriter>) -> Result<(), String> {
+    if shared.spool.is_fenced() {
+        return Err("fenced: a failover has finalized this spool; it takes no more WAL".into());
+    }
+    let seg_size = SegmentSize::new(u64::from(hello.seg_size))
+        .ok_or_else(|| format!("invalid segment size {}", hello.seg_size))?;
+    let meta = shared.spool.meta().map_err(|e| e.to_string())?;
+    match meta {
+        Some(m) => {
+            if m.sysid() != Some(hello.sysid) {
+                return Err(format!(
+                    "this spool belongs to the cluster with system identifier {}, not {}",
+                    m.system_identifier, hello.sysid
+                ));
+            }
+            if m.segment_size != seg_size.bytes() {
+                return Err(format!(
+                    "this spool holds {} byte segments, the shipper has {}",
+                    m.segment_size,
+                    seg_size.bytes()
+                ));
+            }
+        }
+        None => shared
+            .spool
+            .write_meta(&SpoolMeta {
+                system_identifier: hello.sysid.to_string(),
+                segment_size: seg_size.bytes(),
+                pg_version: hello.pg_version,
+            })
+            .map_err(|e| e.to_string())?,
+    }
+    if writer.is_none() {
+        *writer =
+            Some(SpoolWriter::open(shared.spool.clone(), seg_size).map_err(|e| e.to_string())?);
+    }
+    Ok(())
+}
+
+async fn stream<R, W>(
+    shared: &Shared,
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    writer: &mut SpoolWriter,
+) -> anyhow::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let idle = shared.cfg.idle_timeout;
+    let mut lock_file = Some(open_write_lock(&shared.spool)?);
+    let mut held: Option<nix::fcntl::Flock<std::fs::File>> = None;
+    let mut last_status = 0u64;
+    let mut bytes_written = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(idle, r.read_frame()).await {
+            Err(_) => bail!("no frame for {idle:?}: closing an idle connection"),
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(ProtoError::Frame(e))) => {
+                bail!("rejected a bad frame, nothing of it written: {e}")
+            }
+            Ok(Err(e)) => return Err(e.into()),
+        };
+        match frame {
+            Frame::Data { tli, start, bytes } => {
+                if held.is_none() {
+                    let f = lock_file.take().expect("lock file is back when not held");
+                    held = Some(tokio::task::block_in_place(|| {
+                        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockShared)
+                            .map_err(|(_, e)| anyhow::anyhow!("locking the spool: {e}"))
+                    })?);
+                }
+                if shared.spool.is_fenced() {
+                    bail!("fenced: a failover has finalized this spool; it takes no more WAL");
+                }
+                if writer.written().is_none() {
+                    writer.start_at(tli, start)?;
+                }
+                tokio::task::block_in_place(|| writer.write(tli, start, &bytes))
+                    .with_context(|| format!("writing {} bytes at {start}", bytes.len()))?;
+                bytes_written += bytes.len() as u64;
+            }
+            Frame::Heartbeat { flush, time_us: _ } => {
+                let now = now_ms();
+                if now >= last_status + 200 {
+                    last_status = now;
+                    let (durable, written, seg) =
+                        (writer.durable(), writer.written(), writer.current_segment());
+                    shared.update_status(|s| {
+                        s.primary_flush_lsn = Some(flush);
+                        s.primary_seen_at_ms = Some(now);
+                        s.timeline = durable.map(|d| d.0);
+                        s.durable_lsn = durable.map(|d| d.1);
+                        s.written_lsn = written.map(|d| d.1);
+                        s.current_segment = seg;
+                        s.bytes_written += bytes_written;
+                    });
+                    bytes_written = 0;
+                } else {
+                    let mut s = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+                    s.primary_flush_lsn = Some(flush);
+                    s.primary_seen_at_ms = Some(now);
+                }
+            }
+            Frame::History { tli, content } => {
+                shared.spool.write_history(tli, &content)?;
+                info!(%tli, "received timeline history file");
+            }
+            other => bail!("unexpected {} frame while streaming", other.name()),
+        }
+        // Nothing more waiting: make it durable and say so.
+        if held.is_some() && !r.has_frame() {
+            let durable = tokio::task::block_in_place(|| writer.sync());
+            let f = held
+                .take()
+                .expect("checked above")
+                .unlock()
+                .map_err(|(_, e)| anyhow::anyhow!("unlocking: {e}"))?;
+            lock_file = Some(f);
+            let durable = durable.context("making received WAL durable")?;
+            let tli = writer.durable().map(|d| d.0).unwrap_or(TimelineId(1));
+            w.send(&Frame::Ack { tli, durable }).await?;
+        }
+    }
+}
+
+fn open_write_lock(spool: &Spool) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(spool.path(crate::spool::WRITE_LOCK))
+        .context("opening the spool's write lock")
+}

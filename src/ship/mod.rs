@@ -1,0 +1,664 @@
+//! `waltail ship`: the sidecar on the primary host that sends flushed WAL to
+//! a receiver as it is written.
+//!
+//! Every `interval` it polls `pg_walfile_name_offset(pg_current_wal_flush_lsn())`
+//! and sends the bytes from the last position to the flush LSN, read out of
+//! the memory-mapped segment in pg_wal ([`source`]). Segments are finished to
+//! their very end, padding included, before the next one starts, however many
+//! passed between two polls. The segment is computed from the LSN itself, so
+//! `pg_walfile_name_offset`'s boundary quirk (PostgreSQL 13-16 name the
+//! previous segment for an LSN exactly on a boundary; 17 names the new one) is
+//! only cross-checked, never relied on.
+//!
+//! Timelines: when the server is on a newer timeline than the stream, the
+//! shipper first finishes the old timeline up to its switch point (from the
+//! new timeline's history file), then sends the history files, then the new
+//! timeline's data from the switch point.
+//!
+//! Retention: a physical replication slot (created if missing, reserving WAL
+//! at once) is advanced to what the receiver acked as durable, so the primary
+//! keeps every segment not yet shipped.
+//!
+//! Faults: a lost primary or receiver connection is retried with backoff
+//! (logged), resuming at the receiver's durable position. WAL that is gone
+//! before it was shipped, another cluster, or a refusal by the receiver
+//! (fenced, wrong cluster) stops the shipper with an error that says what to do.
+
+pub mod source;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::pg::client::{connect, flush_point, server_info, FlushPoint, ServerInfo};
+use crate::proto::conn::{client_auth, HANDSHAKE_TIMEOUT};
+use crate::proto::tls::TlsOptions;
+use crate::proto::{BoxIo, Frame, FrameReader, FrameWriter, Hello, ProtoError, Secret, MAX_DATA};
+use crate::spool::now_us;
+use crate::wal::history::{parse_history, switchpoint_of};
+use crate::wal::segment::history_file_name;
+use crate::wal::{Lsn, SegmentName, SegmentSize, TimelineId};
+use source::WalSource;
+
+#[derive(Clone, Debug)]
+pub struct ShipConfig {
+    /// libpq conninfo of the primary (PG* variables fill in the rest).
+    pub conninfo: String,
+    /// host:port of the receiver.
+    pub receiver: String,
+    pub secret: Secret,
+    pub tls: TlsOptions,
+    pub interval: Duration,
+    /// Heartbeat at least this often while idle.
+    pub heartbeat: Duration,
+    /// Replication slot to create/use and advance; None: no slot.
+    pub slot: Option<String>,
+    /// Where a new spool starts (rounded down to its segment); default: the
+    /// slot's restart LSN, or the current segment without a slot.
+    pub start_lsn: Option<Lsn>,
+    pub max_backoff: Duration,
+    /// pg_wal directory; default `<data_directory>/pg_wal` from the server.
+    pub pg_wal: Option<PathBuf>,
+}
+
+impl ShipConfig {
+    pub fn new(conninfo: &str, receiver: &str, secret: Secret) -> Self {
+        ShipConfig {
+            conninfo: conninfo.into(),
+            receiver: receiver.into(),
+            secret,
+            tls: TlsOptions::default(),
+            interval: Duration::from_millis(10),
+            heartbeat: Duration::from_millis(100),
+            slot: Some("waltail".into()),
+            start_lsn: None,
+            max_backoff: Duration::from_secs(5),
+            pg_wal: None,
+        }
+    }
+}
+
+/// Progress, for status reporting and tests.
+#[derive(Clone, Debug, Default)]
+pub struct ShipProgress {
+    pub primary_flush: Option<Lsn>,
+    pub shipped: Option<(TimelineId, Lsn)>,
+    pub durable: Option<(TimelineId, Lsn)>,
+    pub connected: bool,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+}
+
+/// Why a step failed, which decides what is retried.
+enum Fault {
+    /// The primary connection: reconnect to it.
+    Pg(anyhow::Error),
+    /// The receiver connection: reconnect to it.
+    Receiver(anyhow::Error),
+    /// Cannot go on.
+    Fatal(anyhow::Error),
+}
+
+struct Primary {
+    client: Client,
+    info: ServerInfo,
+    source: WalSource,
+    pg_wal: PathBuf,
+}
+
+struct Session {
+    w: FrameWriter<tokio::io::WriteHalf<BoxIo>>,
+    acks: watch::Receiver<AckState>,
+    reader: tokio::task::JoinHandle<()>,
+    /// Next byte to send.
+    next: (TimelineId, Lsn),
+    last_heartbeat: Instant,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct AckState {
+    durable: Option<(TimelineId, Lsn)>,
+    closed: Option<String>,
+}
+
+/// Runs the shipper until `shutdown` is cancelled or a fatal error.
+pub async fn run(
+    cfg: ShipConfig,
+    shutdown: CancellationToken,
+    progress: watch::Sender<ShipProgress>,
+) -> anyhow::Result<()> {
+    if cfg.secret.is_none() {
+        warn!("AUTHENTICATION IS OFF (--insecure-no-auth): WAL goes to {} without proving who either side is; use this for local demos only", cfg.receiver);
+    }
+    let mut primary: Option<Primary> = None;
+    let mut session: Option<Session> = None;
+    let mut sysid: Option<u64> = None;
+    let mut pg_backoff = Backoff::new(cfg.max_backoff);
+    let mut rx_backoff = Backoff::new(cfg.max_backoff);
+    let mut slot_done: Option<Lsn> = None;
+    let mut last_slot_advance = Instant::now() - Duration::from_secs(60);
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        // The primary.
+        if primary.is_none() {
+            if !pg_backoff.due() {
+                continue;
+            }
+            match open_primary(&cfg).await {
+                Ok(p) => {
+                    if let Some(s) = sysid {
+                        if s != p.info.sysid {
+                            bail!("the server at the conninfo is now a different cluster (system identifier {} instead of {s}); refusing to mix their WAL", p.info.sysid);
+                        }
+                    }
+                    sysid = Some(p.info.sysid);
+                    if pg_backoff.failures > 0 {
+                        info!(
+                            "primary reachable again after {} attempts",
+                            pg_backoff.failures
+                        );
+                    }
+                    pg_backoff.reset();
+                    primary = Some(p);
+                }
+                Err(Fault::Fatal(e)) => return Err(e),
+                Err(Fault::Pg(e)) | Err(Fault::Receiver(e)) => {
+                    let wait = pg_backoff.fail();
+                    warn!("primary unreachable ({e:#}); retrying in {wait:?}");
+                    progress.send_modify(|p| p.last_error = Some(format!("{e:#}")));
+                    continue;
+                }
+            }
+        }
+        let p = primary.as_mut().expect("connected above");
+        let fp = match flush_point(&p.client).await {
+            Ok(fp) => fp,
+            Err(e) => {
+                let wait = pg_backoff.fail();
+                warn!("lost the primary ({e:#}); reconnecting in {wait:?}");
+                primary = None;
+                continue;
+            }
+        };
+        check_name_quirk(&fp, p.info.seg_size, p.info.major());
+        let Some(server_tli) = fp.timeline() else {
+            bail!(
+                "cannot read the timeline from WAL file name {:?}",
+                fp.file_name
+            );
+        };
+
+        // The receiver.
+        if session.is_none() {
+            if !rx_backoff.due() {
+                continue;
+            }
+            match open_session(&cfg, p, &fp, server_tli).await {
+                Ok(s) => {
+                    if rx_backoff.failures > 0 {
+                        info!(
+                            "receiver reachable again after {} attempts",
+                            rx_backoff.failures
+                        );
+                    }
+                    rx_backoff.reset();
+                    info!(tli = %s.next.0, lsn = %s.next.1, "streaming to {}", cfg.receiver);
+                    progress.send_modify(|x| {
+                        x.connected = true;
+                        x.shipped = Some(s.next);
+                    });
+                    session = Some(s);
+                }
+                Err(Fault::Fatal(e)) => return Err(e),
+                Err(Fault::Pg(e)) => {
+                    warn!("lost the primary ({e:#})");
+                    primary = None;
+                    continue;
+                }
+                Err(Fault::Receiver(e)) => {
+                    let wait = rx_backoff.fail();
+                    warn!("receiver unreachable ({e:#}); retrying in {wait:?}");
+                    progress.send_modify(|x| {
+                        x.connected = false;
+                        x.last_error = Some(format!("{e:#}"));
+                    });
+                    continue;
+                }
+            }
+        }
+        let s = session.as_mut().expect("connected above");
+        match ship_once(&cfg, p, s, &fp, server_tli).await {
+            Ok(()) => {}
+            Err(Fault::Fatal(e)) => return Err(e),
+            Err(Fault::Pg(e)) => {
+                warn!("lost the primary ({e:#}); reconnecting");
+                primary = None;
+                continue;
+            }
+            Err(Fault::Receiver(e)) => {
+                warn!(
+                    "lost the receiver ({e:#}); reconnecting and resuming at its durable position"
+                );
+                session = None;
+                progress.send_modify(|x| {
+                    x.connected = false;
+                    x.reconnects += 1;
+                    x.last_error = Some(format!("{e:#}"));
+                });
+                rx_backoff.fail();
+                continue;
+            }
+        }
+        let acks = s.acks.borrow().clone();
+        progress.send_modify(|x| {
+            x.primary_flush = Some(fp.lsn);
+            x.shipped = Some(s.next);
+            x.durable = acks.durable;
+        });
+        // Let the primary recycle what is durable on the standby host.
+        if let (Some(slot), Some((_, durable))) = (&cfg.slot, acks.durable) {
+            if slot_done.is_none_or(|d| durable > d)
+                && last_slot_advance.elapsed() >= Duration::from_millis(500)
+            {
+                last_slot_advance = Instant::now();
+                match p
+                    .client
+                    .query_one(
+                        "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text",
+                        &[slot, &durable.to_string()],
+                    )
+                    .await
+                {
+                    Ok(_) => slot_done = Some(durable),
+                    Err(e) => debug!("advancing slot {slot} to {durable}: {e}"),
+                }
+            }
+        }
+    }
+    if let Some(mut s) = session.take() {
+        let _ = s.w.flush().await;
+        s.w.shutdown().await;
+    }
+    info!("shipper stopped");
+    Ok(())
+}
+
+async fn open_primary(cfg: &ShipConfig) -> Result<Primary, Fault> {
+    let client = connect(&cfg.conninfo).await.map_err(Fault::Pg)?;
+    let info = server_info(&client).await.map_err(Fault::Pg)?;
+    if info.in_recovery {
+        return Err(Fault::Pg(anyhow!(
+            "the server is in recovery (a standby); waltail ships from a primary"
+        )));
+    }
+    if info.major() < 13 {
+        return Err(Fault::Fatal(anyhow!(
+            "PostgreSQL {} is not supported (13 to 18 are)",
+            info.version_num
+        )));
+    }
+    if let Some(slot) = &cfg.slot {
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[slot],
+            )
+            .await
+            .map_err(|e| Fault::Pg(e.into()))?;
+        if exists.is_none() {
+            client
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_physical_replication_slot($1, true)",
+                    &[slot],
+                )
+                .await
+                .map_err(|e| {
+                    Fault::Fatal(anyhow!("cannot create replication slot {slot:?}: {e}"))
+                })?;
+            info!("created physical replication slot {slot:?} (reserving WAL from now on)");
+        }
+    }
+    let pg_wal = cfg
+        .pg_wal
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&info.data_directory).join("pg_wal"));
+    if !pg_wal.is_dir() {
+        return Err(Fault::Fatal(anyhow!(
+            "{} is not a directory: waltail ship runs on the primary's host and reads its pg_wal (use --pg-wal if it lives elsewhere)",
+            pg_wal.display()
+        )));
+    }
+    let source = WalSource::new(pg_wal.clone(), info.seg_size, info.sysid);
+    Ok(Primary {
+        client,
+        info,
+        source,
+        pg_wal,
+    })
+}
+
+async fn connect_receiver(cfg: &ShipConfig) -> anyhow::Result<BoxIo> {
+    let sock = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&cfg.receiver))
+        .await
+        .map_err(|_| anyhow!("connecting to {} timed out", cfg.receiver))?
+        .with_context(|| format!("cannot connect to receiver {}", cfg.receiver))?;
+    let _ = sock.set_nodelay(true);
+    let host = cfg
+        .receiver
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or(&cfg.receiver);
+    match cfg.tls.connector(host).map_err(anyhow::Error::msg)? {
+        Some((c, name)) => Ok(Box::new(
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, c.connect(name, sock))
+                .await
+                .map_err(|_| anyhow!("TLS handshake timed out"))?
+                .context("TLS handshake with the receiver")?,
+        )),
+        None => Ok(Box::new(sock)),
+    }
+}
+
+async fn open_session(
+    cfg: &ShipConfig,
+    p: &mut Primary,
+    fp: &FlushPoint,
+    server_tli: TimelineId,
+) -> Result<Session, Fault> {
+    let io = connect_receiver(cfg).await.map_err(Fault::Receiver)?;
+    let (r, w) = tokio::io::split(io);
+    let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+    client_auth(&mut r, &mut w, &cfg.secret)
+        .await
+        .map_err(|e| match e {
+            ProtoError::Auth(_) | ProtoError::Refused(_) => {
+                Fault::Fatal(anyhow!("receiver {}: {e}", cfg.receiver))
+            }
+            e => Fault::Receiver(e.into()),
+        })?;
+    let hello = Hello {
+        sysid: p.info.sysid,
+        tli: server_tli,
+        seg_size: p.info.seg_size.bytes() as u32,
+        pg_version: p.info.version_num,
+        flush: fp.lsn,
+    };
+    w.send(&Frame::Hello(hello))
+        .await
+        .map_err(|e| Fault::Receiver(e.into()))?;
+    let position = match r.expect(HANDSHAKE_TIMEOUT, "Welcome").await {
+        Ok(Frame::Welcome { position }) => position,
+        Ok(other) => {
+            return Err(Fault::Receiver(anyhow!(
+                "expected Welcome, got {}",
+                other.name()
+            )))
+        }
+        Err(ProtoError::Refused(reason)) if reason.starts_with("busy") => {
+            return Err(Fault::Receiver(anyhow!("receiver refused: {reason}")))
+        }
+        Err(ProtoError::Refused(reason)) => {
+            return Err(Fault::Fatal(anyhow!(
+                "receiver {} refused this shipper: {reason}",
+                cfg.receiver
+            )))
+        }
+        Err(e) => return Err(Fault::Receiver(e.into())),
+    };
+    let next = match position {
+        Some(pos) => pos,
+        None => {
+            let start = match cfg.start_lsn {
+                Some(l) => l,
+                None => match &cfg.slot {
+                    Some(slot) => {
+                        let row = p
+                            .client
+                            .query_one("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[slot])
+                            .await
+                            .map_err(|e| Fault::Pg(e.into()))?;
+                        let l: Option<String> = row.get(0);
+                        l.and_then(|l| l.parse().ok()).unwrap_or(fp.lsn)
+                    }
+                    None => fp.lsn,
+                },
+            };
+            let start = start.segment_lsn(p.info.seg_size);
+            info!(%start, "new spool: starting at the beginning of segment {}", SegmentName::of_lsn(server_tli, start, p.info.seg_size).file_name(p.info.seg_size));
+            (server_tli, start)
+        }
+    };
+    let (tx, acks) = watch::channel(AckState {
+        durable: position,
+        closed: None,
+    });
+    let reader = tokio::spawn(async move {
+        loop {
+            match r.read_frame().await {
+                Ok(Some(Frame::Ack { tli, durable })) => {
+                    tx.send_modify(|a| a.durable = Some((tli, durable)))
+                }
+                Ok(Some(Frame::Refuse { reason })) => {
+                    tx.send_modify(|a| a.closed = Some(format!("receiver refused: {reason}")));
+                    return;
+                }
+                Ok(Some(other)) => {
+                    tx.send_modify(|a| {
+                        a.closed = Some(format!(
+                            "unexpected {} frame from the receiver",
+                            other.name()
+                        ))
+                    });
+                    return;
+                }
+                Ok(None) => {
+                    tx.send_modify(|a| a.closed = Some("receiver closed the connection".into()));
+                    return;
+                }
+                Err(e) => {
+                    tx.send_modify(|a| a.closed = Some(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Session {
+        w,
+        acks,
+        reader,
+        next,
+        last_heartbeat: Instant::now() - Duration::from_secs(1),
+    })
+}
+
+/// Reads a history file from the primary's pg_wal.
+fn read_history(pg_wal: &std::path::Path, tli: TimelineId) -> Result<Vec<u8>, Fault> {
+    let p = pg_wal.join(history_file_name(tli));
+    std::fs::read(&p)
+        .map_err(|e| Fault::Fatal(anyhow!("cannot read timeline history {}: {e}", p.display())))
+}
+
+/// Sends what was flushed since the last poll, and a heartbeat when due.
+async fn ship_once(
+    cfg: &ShipConfig,
+    p: &mut Primary,
+    s: &mut Session,
+    fp: &FlushPoint,
+    server_tli: TimelineId,
+) -> Result<(), Fault> {
+    if let Some(why) = s.acks.borrow().closed.clone() {
+        if why.starts_with("receiver refused: fenced") || why.contains("belongs to the cluster") {
+            return Err(Fault::Fatal(anyhow!(why)));
+        }
+        return Err(Fault::Receiver(anyhow!(why)));
+    }
+    let seg_size = p.info.seg_size;
+    // The stream is behind the server's timeline: finish the old one up to
+    // its switch point, then move over.
+    let mut end = fp.lsn;
+    if s.next.0 != server_tli {
+        let history = read_history(&p.pg_wal, server_tli)?;
+        let text = String::from_utf8_lossy(&history);
+        let entries = parse_history(&text)
+            .map_err(|e| Fault::Fatal(anyhow!("{}: {e}", history_file_name(server_tli))))?;
+        let Some(sp) = switchpoint_of(&entries, s.next.0) else {
+            return Err(Fault::Fatal(anyhow!(
+                "timeline {} of the spool is not an ancestor of the server's timeline {server_tli}: the spool holds another history",
+                s.next.0
+            )));
+        };
+        if s.next.1 >= sp {
+            // Send every history file from the old timeline's child up.
+            for e in entries
+                .iter()
+                .filter(|e| e.tli > s.next.0)
+                .map(|e| e.tli)
+                .chain([server_tli])
+            {
+                let content = read_history(&p.pg_wal, e)?;
+                s.w.send(&Frame::History { tli: e, content })
+                    .await
+                    .map_err(|e| Fault::Receiver(e.into()))?;
+            }
+            // The new timeline may branch off from the one after ours; find where ours ends.
+            info!(from = %s.next.0, to = %server_tli, switchpoint = %sp, "timeline switch");
+            s.next = (server_tli, sp);
+        } else {
+            end = end.min(sp);
+        }
+    }
+    let (tli, mut at) = s.next;
+    let mut sent = false;
+    while at < end {
+        let seg_end = SegmentName::of_lsn(tli, at, seg_size).end_lsn(seg_size);
+        let to = end.min(seg_end).min(Lsn(at.0 + MAX_DATA as u64));
+        let (got, bytes) = match p.source.read(tli, at, to, end >= seg_end) {
+            Ok(x) => x,
+            Err(e) => return Err(Fault::Fatal(e.into())),
+        };
+        if got <= at {
+            break;
+        }
+        s.w.send_data(tli, at, bytes)
+            .await
+            .map_err(|e| Fault::Receiver(e.into()))?;
+        sent = true;
+        at = got;
+        s.next = (tli, at);
+    }
+    if sent || s.last_heartbeat.elapsed() >= cfg.heartbeat {
+        s.w.send(&Frame::Heartbeat {
+            flush: fp.lsn,
+            time_us: now_us(),
+        })
+        .await
+        .map_err(|e| Fault::Receiver(e.into()))?;
+        s.last_heartbeat = Instant::now();
+    }
+    Ok(())
+}
+
+/// Cross-checks `pg_walfile_name_offset` against our own segment math and
+/// logs a disagreement (13-16: an LSN on a boundary is named after the
+/// previous segment with offset 0; 17+: after the new segment).
+pub fn check_name_quirk(fp: &FlushPoint, seg_size: SegmentSize, major: u32) -> bool {
+    let expected = if fp.file_offset == 0 && major < 17 {
+        fp.lsn.prev_segment_number(seg_size)
+    } else {
+        fp.lsn.segment_number(seg_size)
+    };
+    let tli = fp.timeline().unwrap_or(TimelineId(1));
+    let name = SegmentName::new(tli, expected).file_name(seg_size);
+    if name != fp.file_name {
+        warn!(lsn = %fp.lsn, file = %fp.file_name, expected = %name, "pg_walfile_name_offset names an unexpected segment");
+        return false;
+    }
+    true
+}
+
+/// Exponential backoff from 100 ms up to a maximum.
+struct Backoff {
+    failures: u32,
+    until: Instant,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Backoff {
+            failures: 0,
+            until: Instant::now(),
+            max,
+        }
+    }
+    fn due(&self) -> bool {
+        Instant::now() >= self.until
+    }
+    fn fail(&mut self) -> Duration {
+        self.failures += 1;
+        let d =
+            Duration::from_millis(100u64.saturating_mul(1 << self.failures.min(10))).min(self.max);
+        self.until = Instant::now() + d;
+        d
+    }
+    fn reset(&mut self) {
+        self.failures = 0;
+        self.until = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boundary_quirk_is_understood_for_both_behaviours() {
+        let s16 = SegmentSize::DEFAULT;
+        let on_boundary = |name: &str| FlushPoint {
+            lsn: "0/3000000".parse().unwrap(),
+            file_name: name.into(),
+            file_offset: 0,
+        };
+        // 13-16: the previous segment.
+        assert!(check_name_quirk(
+            &on_boundary("000000010000000000000002"),
+            s16,
+            15
+        ));
+        assert!(!check_name_quirk(
+            &on_boundary("000000010000000000000003"),
+            s16,
+            15
+        ));
+        // 17+: the new segment.
+        assert!(check_name_quirk(
+            &on_boundary("000000010000000000000003"),
+            s16,
+            17
+        ));
+        let mid = FlushPoint {
+            lsn: "0/3000028".parse().unwrap(),
+            file_name: "000000010000000000000003".into(),
+            file_offset: 0x28,
+        };
+        assert!(check_name_quirk(&mid, s16, 15));
+    }
+}

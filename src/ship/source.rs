@@ -1,0 +1,143 @@
+//! Reading flushed WAL straight out of the primary's `pg_wal`.
+//!
+//! The live segment is memory-mapped once (PostgreSQL writes it in place, and
+//! a shared mapping sees those writes) and every page header of a range is
+//! checked (magic, `xlp_pageaddr`, timeline, system identifier) before the
+//! range is handed out, so the bytes of a recycled file are never shipped as
+//! current WAL. A segment that is gone, or whose pages belong elsewhere, is
+//! [`SourceError::Gone`]: the WAL needed was removed before it was shipped.
+
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+
+use memmap2::Mmap;
+
+use crate::fsio::map_readonly;
+use crate::wal::page::SIZE_OF_LONG_PHD;
+use crate::wal::scan::check_page_headers;
+use crate::wal::{Lsn, PageChecker, PageError, SegmentName, SegmentSize, TimelineId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("WAL segment {name} is gone from {dir} ({why}): it was removed or recycled before waltail shipped it. The spool cannot continue from here: keep the replication slot (the default) so this cannot happen, and rebuild the standby and its spool from a new base backup (waltail init-standby)")]
+    Gone {
+        name: String,
+        dir: String,
+        why: String,
+    },
+    #[error("reading {path}: {err}")]
+    Io { path: String, err: io::Error },
+}
+
+pub struct WalSource {
+    pg_wal: PathBuf,
+    seg_size: SegmentSize,
+    sysid: u64,
+    cur: Option<(SegmentName, Mmap)>,
+}
+
+impl WalSource {
+    pub fn new(pg_wal: PathBuf, seg_size: SegmentSize, sysid: u64) -> Self {
+        WalSource {
+            pg_wal,
+            seg_size,
+            sysid,
+            cur: None,
+        }
+    }
+
+    fn map(&mut self, seg: SegmentName) -> Result<&Mmap, SourceError> {
+        if self.cur.as_ref().map(|c| c.0) != Some(seg) {
+            self.cur = None;
+            let name = seg.file_name(self.seg_size);
+            // After a promotion with archiving on, PostgreSQL renames the old
+            // timeline's last segment to .partial.
+            let candidates = [
+                self.pg_wal.join(&name),
+                self.pg_wal.join(format!("{name}.partial")),
+            ];
+            let Some(path) = candidates.iter().find(|p| p.exists()) else {
+                return Err(SourceError::Gone {
+                    name,
+                    dir: self.pg_wal.display().to_string(),
+                    why: "no such file".into(),
+                });
+            };
+            let io = |err| SourceError::Io {
+                path: path.display().to_string(),
+                err,
+            };
+            let f = File::open(path).map_err(io)?;
+            let len = f.metadata().map_err(io)?.len();
+            if len != self.seg_size.bytes() {
+                return Err(SourceError::Gone {
+                    name,
+                    dir: self.pg_wal.display().to_string(),
+                    why: format!("{len} bytes, not a segment"),
+                });
+            }
+            let m = map_readonly(&f).map_err(io)?;
+            self.cur = Some((seg, m));
+        }
+        Ok(&self.cur.as_ref().expect("mapped above").1)
+    }
+
+    /// Drops the mapping (before sleeping, so a removed file's space is freed).
+    pub fn release(&mut self) {
+        self.cur = None;
+    }
+
+    /// The flushed bytes `[from, to)` of timeline `tli`, within one segment,
+    /// after checking every page header they touch. `to` is trimmed back to
+    /// a page start if it would end inside a page header.
+    /// `complete` says the server has flushed the whole segment (so it may
+    /// end in switch padding).
+    pub fn read(
+        &mut self,
+        tli: TimelineId,
+        from: Lsn,
+        to: Lsn,
+        complete: bool,
+    ) -> Result<(Lsn, &[u8]), SourceError> {
+        let seg_size = self.seg_size;
+        let seg = SegmentName::of_lsn(tli, from, seg_size);
+        let seg_start = seg.start_lsn(seg_size);
+        let mut to = to.min(seg.end_lsn(seg_size));
+        if to.page_offset() != 0 && to.page_offset() < SIZE_OF_LONG_PHD as u64 {
+            to = to.page_lsn();
+        }
+        if to <= from {
+            return Ok((from, &[]));
+        }
+        let sysid = self.sysid;
+        let dir = self.pg_wal.display().to_string();
+        let map = self.map(seg)?;
+        let page = from.page_lsn();
+        let lo = (page.0 - seg_start.0) as usize;
+        let hi = (to.0 - seg_start.0) as usize;
+        let mut checker = PageChecker::new(seg_size);
+        checker.max_tli = Some(tli);
+        checker.sysid = Some(sysid);
+        match check_page_headers(&mut checker, page, &map[lo..hi]) {
+            Ok(()) => {}
+            // After an XLOG_SWITCH, PostgreSQL (11+) fills the rest of the
+            // segment with pages that are entirely zero, headers included. A
+            // completed segment may end in such a run; nothing else may.
+            Err(PageError::Zeroed { at })
+                if complete
+                    && map[(at.0 - seg_start.0) as usize..hi]
+                        .iter()
+                        .all(|&b| b == 0) => {}
+            Err(e) => {
+                return Err(SourceError::Gone {
+                    name: seg.file_name(seg_size),
+                    dir,
+                    why: e.to_string(),
+                })
+            }
+        }
+        let a = (from.0 - seg_start.0) as usize;
+        Ok((to, &map[a..hi]))
+    }
+}

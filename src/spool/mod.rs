@@ -1,0 +1,315 @@
+//! The spool: the standby host's directory of shipped WAL, shared by
+//! `receive` (writes it), `restore` and `cleanup` (read and prune it) and
+//! `failover` (finalizes it).
+//!
+//! ```text
+//! <spool>/spool.json        the cluster this spool belongs to (system identifier,
+//!                           segment size, server version); written once, atomically
+//! <spool>/position          durable position: 24 bytes, "WTPS" | tli u32 | lsn u64 |
+//!                           reserved u32 | crc32 u32 (of the first 20), rewritten in place
+//! <spool>/<SEGMENT>.partial the segment being received: full size from creation
+//!                           (allocated and zero-filled), bytes written in place
+//! <spool>/<SEGMENT>         a complete segment: renamed from .partial once its
+//!                           last byte is durable; never half-written
+//! <spool>/<TLI>.history     timeline history files, written atomically
+//! <spool>/status.json       what the receiver is doing (for status, check, failover)
+//! <spool>/FENCED            present after a failover began: no more data is taken
+//! <spool>/failover.json     the failover's progress and report
+//! <spool>/receiver.lock     flock held by the one receiver of this spool
+//! <spool>/write.lock        flock: shared while a batch is written, exclusive to fence
+//! ```
+//!
+//! Invariants: everything below the durable position is in the spool and
+//! fsynced; a file under a final segment name is complete; files are created
+//! 0600 and the directory 0700.
+
+pub mod writer;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsio::write_atomic;
+use crate::wal::{Lsn, SegmentName, SegmentSize, TimelineId, WalFileName};
+
+pub const META: &str = "spool.json";
+pub const POSITION: &str = "position";
+pub const STATUS: &str = "status.json";
+pub const FENCED: &str = "FENCED";
+pub const FAILOVER: &str = "failover.json";
+pub const RECEIVER_LOCK: &str = "receiver.lock";
+pub const WRITE_LOCK: &str = "write.lock";
+
+/// The cluster a spool belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolMeta {
+    /// As a string: JSON readers lose precision on 64-bit integers.
+    pub system_identifier: String,
+    pub segment_size: u64,
+    pub pg_version: u32,
+}
+
+impl SpoolMeta {
+    pub fn sysid(&self) -> Option<u64> {
+        self.system_identifier.parse().ok()
+    }
+    pub fn seg_size(&self) -> Option<SegmentSize> {
+        SegmentSize::new(self.segment_size)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {dir}: {what}")]
+    Corrupt { dir: PathBuf, what: String },
+    #[error("spool {dir}: {err}")]
+    Io { dir: PathBuf, err: io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, SpoolError>;
+
+/// A spool directory.
+#[derive(Clone, Debug)]
+pub struct Spool {
+    pub dir: PathBuf,
+}
+
+impl Spool {
+    /// Opens (and creates, mode 0700) a spool directory.
+    pub fn create(dir: &Path) -> Result<Spool> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|err| SpoolError::Io {
+                dir: dir.to_path_buf(),
+                err,
+            })?;
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing spool directory.
+    pub fn open(dir: &Path) -> Result<Spool> {
+        if !dir.is_dir() {
+            return Err(SpoolError::Io {
+                dir: dir.to_path_buf(),
+                err: io::Error::new(io::ErrorKind::NotFound, "no such spool directory"),
+            });
+        }
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn io(&self, err: io::Error) -> SpoolError {
+        SpoolError::Io {
+            dir: self.dir.clone(),
+            err,
+        }
+    }
+
+    fn corrupt(&self, what: String) -> SpoolError {
+        SpoolError::Corrupt {
+            dir: self.dir.clone(),
+            what,
+        }
+    }
+
+    pub fn meta(&self) -> Result<Option<SpoolMeta>> {
+        match fs::read(self.path(META)) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| self.corrupt(format!("{META}: {e}"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    pub fn write_meta(&self, m: &SpoolMeta) -> Result<()> {
+        let b = serde_json::to_vec_pretty(m).expect("meta serializes");
+        write_atomic(&self.path(META), &b).map_err(|e| self.io(e))
+    }
+
+    /// The spool's segment size, from its metadata.
+    pub fn seg_size(&self) -> Result<SegmentSize> {
+        let m = self
+            .meta()?
+            .ok_or_else(|| self.corrupt(format!("no {META}: no WAL was ever received here")))?;
+        m.seg_size()
+            .ok_or_else(|| self.corrupt(format!("{META}: invalid segment size {}", m.segment_size)))
+    }
+
+    /// The durable position, if any WAL was received.
+    pub fn position(&self) -> Result<Option<(TimelineId, Lsn)>> {
+        let mut b = [0u8; 24];
+        match File::open(self.path(POSITION)) {
+            Ok(mut f) => match f.read_exact(&mut b) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+                Err(e) => return Err(self.io(e)),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(e)),
+        }
+        let crc = u32::from_le_bytes([b[20], b[21], b[22], b[23]]);
+        if &b[0..4] != b"WTPS" || crc32fast::hash(&b[..20]) != crc {
+            return Err(self.corrupt(format!("{POSITION} is damaged (bad magic or checksum)")));
+        }
+        let tli = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&b[8..16]);
+        Ok(Some((TimelineId(tli), Lsn(u64::from_le_bytes(l)))))
+    }
+
+    /// Opens the position file for in-place updates.
+    pub fn position_file(&self) -> Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.path(POSITION))
+            .map_err(|e| self.io(e))
+    }
+
+    /// Records the durable position (one 24-byte write at offset 0).
+    pub fn set_position(f: &File, tli: TimelineId, lsn: Lsn, sync: bool) -> io::Result<()> {
+        let mut b = [0u8; 24];
+        b[0..4].copy_from_slice(b"WTPS");
+        b[4..8].copy_from_slice(&tli.0.to_le_bytes());
+        b[8..16].copy_from_slice(&lsn.0.to_le_bytes());
+        let crc = crc32fast::hash(&b[..20]);
+        b[20..24].copy_from_slice(&crc.to_le_bytes());
+        f.write_all_at(&b, 0)?;
+        if sync {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.path(FENCED).exists()
+    }
+
+    pub fn segment_path(&self, seg: SegmentName, size: SegmentSize) -> PathBuf {
+        self.path(&seg.file_name(size))
+    }
+
+    pub fn partial_path(&self, seg: SegmentName, size: SegmentSize) -> PathBuf {
+        self.path(&format!("{}.partial", seg.file_name(size)))
+    }
+
+    /// Every WAL file in the spool whose name parses, with its name.
+    pub fn wal_files(&self, size: SegmentSize) -> Result<Vec<(String, WalFileName)>> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(&self.dir).map_err(|e| self.io(e))? {
+            let e = e.map_err(|e| self.io(e))?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Ok(w) = WalFileName::parse(&name, size) {
+                v.push((name, w));
+            }
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(v)
+    }
+
+    /// Reads a history file from the spool.
+    pub fn history(&self, tli: TimelineId) -> Result<Option<Vec<u8>>> {
+        match fs::read(self.path(&crate::wal::segment::history_file_name(tli))) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    pub fn write_history(&self, tli: TimelineId, content: &[u8]) -> Result<()> {
+        write_atomic(
+            &self.path(&crate::wal::segment::history_file_name(tli)),
+            content,
+        )
+        .map_err(|e| self.io(e))
+    }
+
+    /// Reads status.json (None if the receiver never wrote one).
+    pub fn status(&self) -> Option<ReceiverStatus> {
+        fs::read(self.path(STATUS))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    /// Writes status.json atomically, without fsync (it is advisory).
+    pub fn write_status(&self, s: &ReceiverStatus) -> io::Result<()> {
+        let tmp = self.path(".status.json.tmp");
+        let b = serde_json::to_vec_pretty(s).expect("status serializes");
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        io::Write::write_all(&mut f, &b)?;
+        fs::rename(tmp, self.path(STATUS))
+    }
+
+    /// Takes the spool's write lock: shared for a batch of writes, exclusive to fence.
+    pub fn write_lock(&self, exclusive: bool) -> Result<nix::fcntl::Flock<File>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.path(WRITE_LOCK))
+            .map_err(|e| self.io(e))?;
+        let arg = if exclusive {
+            nix::fcntl::FlockArg::LockExclusive
+        } else {
+            nix::fcntl::FlockArg::LockShared
+        };
+        nix::fcntl::Flock::lock(f, arg).map_err(|(_, e)| self.io(io::Error::from(e)))
+    }
+}
+
+/// What the receiver last said about itself (status.json).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReceiverStatus {
+    pub pid: u32,
+    pub listen: String,
+    /// "waiting", "streaming" or "fenced".
+    pub state: String,
+    pub peer: Option<String>,
+    pub timeline: Option<TimelineId>,
+    pub durable_lsn: Option<Lsn>,
+    pub written_lsn: Option<Lsn>,
+    pub primary_flush_lsn: Option<Lsn>,
+    /// Unix ms of the last heartbeat or data from a live primary.
+    pub primary_seen_at_ms: Option<u64>,
+    pub current_segment: Option<String>,
+    pub last_error: Option<String>,
+    pub bytes_written: u64,
+    pub updated_at_ms: u64,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

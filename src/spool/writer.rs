@@ -1,0 +1,388 @@
+//! Writing received WAL into the spool, durably and in order.
+//!
+//! [`SpoolWriter`] takes byte ranges that must start exactly where the last
+//! one ended, writes them in place into `<segment>.partial` (created full
+//! size: allocated, zero-filled, fsynced, renamed into place), and on
+//! [`SpoolWriter::sync`] fdatasyncs and records the durable position. A
+//! segment whose last byte arrives is fsynced, renamed to its final name and
+//! the directory fsynced, so a final name always holds a complete segment.
+//!
+//! After any I/O error the writer forgets what it had not made durable
+//! (what a failed fsync leaves in the page cache cannot be trusted) and the
+//! next range must start at the durable position again.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+use super::{Result, Spool, SpoolError};
+use crate::fsio::fsync_dir;
+use crate::wal::{Lsn, SegmentName, SegmentSize, TimelineId};
+
+struct Open {
+    seg: SegmentName,
+    file: File,
+    dirty: bool,
+}
+
+pub struct SpoolWriter {
+    spool: Spool,
+    seg_size: SegmentSize,
+    pos_file: File,
+    tli: Option<TimelineId>,
+    written: Lsn,
+    durable: Lsn,
+    cur: Option<Open>,
+}
+
+impl SpoolWriter {
+    /// Opens the spool's writer at its recorded durable position.
+    pub fn open(spool: Spool, seg_size: SegmentSize) -> Result<SpoolWriter> {
+        let pos = spool.position()?;
+        let pos_file = spool.position_file()?;
+        let mut w = SpoolWriter {
+            spool,
+            seg_size,
+            pos_file,
+            tli: pos.map(|p| p.0),
+            written: pos.map(|p| p.1).unwrap_or_default(),
+            durable: pos.map(|p| p.1).unwrap_or_default(),
+            cur: None,
+        };
+        // A crash between completing a segment and recording the position
+        // leaves the position inside a segment that is already complete.
+        if let Some(tli) = w.tli {
+            if w.written.segment_offset(seg_size) != 0 {
+                let seg = SegmentName::of_lsn(tli, w.written, seg_size);
+                if w.spool.segment_path(seg, seg_size).exists() {
+                    w.written = seg.end_lsn(seg_size);
+                    w.durable = w.written;
+                    w.record_position(true)?;
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    /// The durable position, if any WAL was ever received.
+    pub fn durable(&self) -> Option<(TimelineId, Lsn)> {
+        self.tli.map(|t| (t, self.durable))
+    }
+
+    /// Where the next byte goes.
+    pub fn written(&self) -> Option<(TimelineId, Lsn)> {
+        self.tli.map(|t| (t, self.written))
+    }
+
+    pub fn current_segment(&self) -> Option<String> {
+        self.cur.as_ref().map(|o| o.seg.file_name(self.seg_size))
+    }
+
+    fn err(&self, what: String) -> SpoolError {
+        SpoolError::Corrupt {
+            dir: self.spool.dir.clone(),
+            what,
+        }
+    }
+
+    /// Starts an empty spool at `lsn`, which must begin a segment.
+    pub fn start_at(&mut self, tli: TimelineId, lsn: Lsn) -> Result<()> {
+        if self.tli.is_some() {
+            return Err(self.err("the spool already has a position".into()));
+        }
+        if lsn.segment_offset(self.seg_size) != 0 {
+            return Err(self.err(format!(
+                "a new spool must start at a segment boundary, not {lsn}"
+            )));
+        }
+        self.tli = Some(tli);
+        self.written = lsn;
+        self.durable = lsn;
+        self.record_position(true)
+    }
+
+    fn record_position(&mut self, sync: bool) -> Result<()> {
+        let tli = self.tli.unwrap_or(TimelineId(1));
+        Spool::set_position(&self.pos_file, tli, self.durable, sync).map_err(|e| self.spool.io(e))
+    }
+
+    /// Forgets everything not yet durable (after an I/O error).
+    pub fn reset_to_durable(&mut self) {
+        self.cur = None;
+        self.written = self.durable;
+    }
+
+    /// Writes `bytes` of timeline `tli` at `start` (which must be the
+    /// current write position, or the start of a new timeline's data).
+    pub fn write(&mut self, tli: TimelineId, start: Lsn, bytes: &[u8]) -> Result<()> {
+        let r = self.write_inner(tli, start, bytes);
+        if r.is_err() {
+            self.reset_to_durable();
+        }
+        r
+    }
+
+    fn write_inner(&mut self, tli: TimelineId, start: Lsn, bytes: &[u8]) -> Result<()> {
+        let Some(cur_tli) = self.tli else {
+            return Err(self.err("data before the spool has a position".into()));
+        };
+        if tli != cur_tli {
+            self.switch_timeline(cur_tli, tli, start)?;
+        }
+        if start != self.written {
+            return Err(self.err(format!(
+                "data at {start} does not continue the spool, which ends at {}",
+                self.written
+            )));
+        }
+        let mut at = start;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let seg = SegmentName::of_lsn(tli, at, self.seg_size);
+            let seg_end = seg.end_lsn(self.seg_size);
+            let n = rest.len().min((seg_end.0 - at.0) as usize);
+            let off = at.segment_offset(self.seg_size);
+            let file = self.partial(seg)?;
+            file.write_all_at(&rest[..n], off)
+                .map_err(|e| self.spool.io(e))?;
+            if let Some(o) = &mut self.cur {
+                o.dirty = true;
+            }
+            at = Lsn(at.0 + n as u64);
+            rest = &rest[n..];
+            self.written = at;
+            if at == seg_end {
+                self.complete_current()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The open partial file for `seg`, creating it if needed.
+    fn partial(&mut self, seg: SegmentName) -> Result<&File> {
+        if self.cur.as_ref().is_some_and(|o| o.seg != seg) {
+            // Data moved on without completing the old segment: only a
+            // timeline switch does that, and it closes the old file first.
+            return Err(
+                self.err("internal: a new segment began before the old one completed".into())
+            );
+        }
+        if self.cur.is_none() {
+            let file = self.open_or_create_partial(seg, None)?;
+            self.cur = Some(Open {
+                seg,
+                file,
+                dirty: false,
+            });
+        }
+        Ok(&self.cur.as_ref().expect("set above").file)
+    }
+
+    /// Opens `<seg>.partial`, creating it full size (with `prefix` copied in
+    /// at its start, for a new timeline) when it does not exist.
+    fn open_or_create_partial(&self, seg: SegmentName, prefix: Option<&[u8]>) -> Result<File> {
+        let path = self.spool.partial_path(seg, self.seg_size);
+        if path.exists() {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| self.spool.io(e))?;
+            let len = f.metadata().map_err(|e| self.spool.io(e))?.len();
+            if len != self.seg_size.bytes() {
+                return Err(self.err(format!(
+                    "{} has {len} bytes, not {}: damaged, move it away",
+                    path.display(),
+                    self.seg_size.bytes()
+                )));
+            }
+            return Ok(f);
+        }
+        let tmp = self
+            .spool
+            .path(&format!(".{}.partial.tmp", seg.file_name(self.seg_size)));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| self.spool.io(e))?;
+        let setup = (|| -> std::io::Result<()> {
+            nix::fcntl::posix_fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+                self.seg_size.bytes() as i64,
+            )
+            .map_err(std::io::Error::from)?;
+            if let Some(p) = prefix {
+                f.write_all_at(p, 0)?;
+            }
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            fsync_dir(&self.spool.dir)
+        })();
+        if let Err(e) = setup {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.spool.io(e));
+        }
+        Ok(f)
+    }
+
+    /// The current segment is full: make it durable under its final name.
+    fn complete_current(&mut self) -> Result<()> {
+        let Some(o) = self.cur.take() else {
+            return Ok(());
+        };
+        o.file.sync_data().map_err(|e| self.spool.io(e))?;
+        let from = self.spool.partial_path(o.seg, self.seg_size);
+        let to = self.spool.segment_path(o.seg, self.seg_size);
+        fs::rename(&from, &to).map_err(|e| self.spool.io(e))?;
+        fsync_dir(&self.spool.dir).map_err(|e| self.spool.io(e))?;
+        self.durable = self.written;
+        self.record_position(false)
+    }
+
+    /// Makes everything written durable and records the position; returns it.
+    pub fn sync(&mut self) -> Result<Lsn> {
+        if let Some(o) = &mut self.cur {
+            if o.dirty {
+                if let Err(e) = o.file.sync_data() {
+                    let e = self.spool.io(e);
+                    self.reset_to_durable();
+                    return Err(e);
+                }
+                o.dirty = false;
+            }
+        }
+        if self.durable != self.written {
+            self.durable = self.written;
+            self.record_position(false)?;
+        }
+        Ok(self.durable)
+    }
+
+    /// Moves to timeline `new`, whose data starts at `start` (at or before
+    /// what the spool holds of the old timeline). The new timeline's segment
+    /// gets the old one's bytes before `start`, as PostgreSQL's own copy does.
+    fn switch_timeline(&mut self, old: TimelineId, new: TimelineId, start: Lsn) -> Result<()> {
+        if new < old {
+            return Err(self.err(format!(
+                "data of timeline {new} after timeline {old}: timelines never go back"
+            )));
+        }
+        if self.spool.history(new)?.is_none() {
+            return Err(self.err(format!(
+                "data of timeline {new} arrived before its history file"
+            )));
+        }
+        if start > self.written {
+            return Err(self.err(format!(
+                "timeline {new} starts at {start}, past the end of timeline {old} data at {}",
+                self.written
+            )));
+        }
+        self.sync()?;
+        self.cur = None;
+        let off = start.segment_offset(self.seg_size) as usize;
+        if off > 0 {
+            let old_seg = SegmentName::of_lsn(old, start, self.seg_size);
+            let src = [
+                self.spool.segment_path(old_seg, self.seg_size),
+                self.spool.partial_path(old_seg, self.seg_size),
+            ]
+            .into_iter()
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                self.err(format!(
+                    "no segment of timeline {old} to copy the start of timeline {new} from"
+                ))
+            })?;
+            let mut prefix = vec![0u8; off];
+            File::open(&src)
+                .and_then(|f| f.read_exact_at(&mut prefix, 0))
+                .map_err(|e| self.spool.io(e))?;
+            let seg = SegmentName::of_lsn(new, start, self.seg_size);
+            let f = self.open_or_create_partial(seg, Some(&prefix))?;
+            self.cur = Some(Open {
+                seg,
+                file: f,
+                dirty: false,
+            });
+        }
+        self.tli = Some(new);
+        self.written = start;
+        self.durable = start;
+        self.record_position(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s1() -> SegmentSize {
+        SegmentSize::new(1 << 20).unwrap()
+    }
+
+    #[test]
+    fn ranges_fill_partials_and_complete_segments_by_rename() {
+        let d = tempfile::tempdir().unwrap();
+        let sp = Spool::create(d.path()).unwrap();
+        let mut w = SpoolWriter::open(sp.clone(), s1()).unwrap();
+        w.start_at(TimelineId(1), Lsn(1 << 20)).unwrap();
+        let data: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8 + 1).collect();
+        w.write(TimelineId(1), Lsn(1 << 20), &data[..1000]).unwrap();
+        assert!(sp.path("000000010000000000000001.partial").exists());
+        assert_eq!(w.sync().unwrap(), Lsn((1 << 20) + 1000));
+        assert_eq!(
+            sp.position().unwrap(),
+            Some((TimelineId(1), Lsn((1 << 20) + 1000)))
+        );
+        // A gap is refused and nothing is written.
+        assert!(w
+            .write(TimelineId(1), Lsn((1 << 20) + 2000), &data[..10])
+            .is_err());
+        w.write(TimelineId(1), Lsn((1 << 20) + 1000), &data[1000..])
+            .unwrap();
+        w.sync().unwrap();
+        let full = fs::read(sp.path("000000010000000000000001")).unwrap();
+        assert_eq!(full, &data[..1 << 20]);
+        assert!(!sp.path("000000010000000000000001.partial").exists());
+        let part = fs::read(sp.path("000000010000000000000002.partial")).unwrap();
+        assert_eq!(part.len(), 1 << 20);
+        assert_eq!(&part[..data.len() - (1 << 20)], &data[1 << 20..]);
+        assert!(part[data.len() - (1 << 20)..].iter().all(|&b| b == 0));
+        // Reopened, it resumes exactly where it was durable.
+        drop(w);
+        let w = SpoolWriter::open(sp, s1()).unwrap();
+        assert_eq!(
+            w.durable(),
+            Some((TimelineId(1), Lsn((1 << 20) + data.len() as u64)))
+        );
+    }
+
+    #[test]
+    fn a_new_timeline_copies_the_old_segment_prefix() {
+        let d = tempfile::tempdir().unwrap();
+        let sp = Spool::create(d.path()).unwrap();
+        let mut w = SpoolWriter::open(sp.clone(), s1()).unwrap();
+        w.start_at(TimelineId(1), Lsn(0)).unwrap();
+        w.write(TimelineId(1), Lsn(0), &[7u8; 5000]).unwrap();
+        assert!(
+            w.write(TimelineId(2), Lsn(4000), &[9u8; 100]).is_err(),
+            "no history yet"
+        );
+        w.write(TimelineId(1), Lsn(0), &[7u8; 5000]).unwrap();
+        sp.write_history(TimelineId(2), b"1\t0/FA0\tno recovery target specified\n")
+            .unwrap();
+        w.write(TimelineId(2), Lsn(4000), &[9u8; 100]).unwrap();
+        w.sync().unwrap();
+        let new = fs::read(sp.path("000000020000000000000000.partial")).unwrap();
+        assert_eq!(&new[..4000], &[7u8; 4000][..]);
+        assert_eq!(&new[4000..4100], &[9u8; 100][..]);
+        let old = fs::read(sp.path("000000010000000000000000.partial")).unwrap();
+        assert_eq!(&old[..5000], &[7u8; 5000][..]);
+        assert_eq!(sp.position().unwrap(), Some((TimelineId(2), Lsn(4100))));
+    }
+}

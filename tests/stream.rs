@@ -1,0 +1,315 @@
+//! `waltail ship` and `waltail receive` against real servers: the spool is
+//! byte-identical to the primary's WAL (its archive_command copies are the
+//! ground truth) under load, through kills, switches and timeline changes.
+
+use crate::util::*;
+
+const SECRET: &str = "test-secret-0123456789abcdef";
+const SEG: u64 = 1 << 20;
+
+#[test]
+fn spool_is_byte_identical_to_the_primary_under_pgbench() {
+    let w = Workdir::new();
+    let c = archived_cluster("stream-pgbench");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let tx = start_shipper(&w, &c, &addr, &secret, &["--interval", "5ms"]);
+    pgbench(&c, &["-i", "-s", "2", "-q"]);
+    pgbench(&c, &["-c", "4", "-T", "4", "-n"]);
+    let flush = flush_lsn(&c);
+    wait_durable(&spool, flush, 60, &[&rx, &tx]);
+    // The .partial below the acked position is already exact; then finish the segment.
+    assert_spool_matches(&spool, &c, SEG);
+    c.psql("select pg_switch_wal()").unwrap();
+    c.psql("select pg_logical_emit_message(true, 'x', 'y')")
+        .unwrap();
+    wait_durable(&spool, flush_lsn(&c), 60, &[&rx, &tx]);
+    let n = assert_spool_matches(&spool, &c, SEG);
+    assert!(n >= 10, "pgbench made {n} segments");
+    assert!(rx.log_text().contains("shipper admitted"));
+}
+
+#[test]
+fn pg_switch_wal_on_an_idle_server_completes_the_segment_with_its_padding() {
+    let w = Workdir::new();
+    let c = archived_cluster("stream-switch");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let tx = start_shipper(&w, &c, &addr, &secret, &[]);
+    c.psql("create table t(i int); insert into t values (1)")
+        .unwrap();
+    let before = flush_lsn(&c);
+    wait_durable(&spool, before, 30, &[&rx, &tx]);
+    let seg = c
+        .psql("select pg_walfile_name(pg_current_wal_flush_lsn())")
+        .unwrap();
+    c.psql("select pg_switch_wal()").unwrap();
+    // Flush now sits exactly on the segment boundary: the quirk case.
+    let after = flush_lsn(&c);
+    assert_eq!(after.0 % SEG, 0, "idle switch ends on a boundary");
+    wait_durable(&spool, after, 30, &[&rx, &tx]);
+    let ours = wait_file(&spool.join(&seg), 10);
+    let theirs = wait_file(&c.archive.clone().unwrap().join(&seg), 30);
+    assert!(ours == theirs, "switched segment {seg} differs");
+    assert!(!spool.join(format!("{seg}.partial")).exists());
+}
+
+#[test]
+fn kills_of_ship_and_receive_mid_segment_lose_and_duplicate_nothing() {
+    let seed = seed();
+    let mut rng = Rng::new(seed);
+    let w = Workdir::new();
+    let c = archived_cluster("stream-kill");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (mut rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let mut tx = start_shipper(&w, &c, &addr, &secret, &["--interval", "2ms"]);
+    c.psql("create table k(i int, pad text)").unwrap();
+    for round in 0..6 {
+        // Load in the background while a process dies.
+        let conn = c.conninfo();
+        let bin = c.bin.tool("psql");
+        let load = std::thread::spawn(move || {
+            std::process::Command::new(bin)
+                .args(["-X", "-q", "-d", &conn, "-c"])
+                .arg("insert into k select g, repeat('x', 200) from generate_series(1, 3000) g")
+                .status()
+                .unwrap()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(150)));
+        if rng.below(2) == 0 {
+            tx.kill9();
+            tx = start_shipper(&w, &c, &addr, &secret, &["--interval", "2ms"]);
+        } else {
+            rx.kill9();
+            let (r, _) = start_receiver_on(&w, &spool, &secret, &port);
+            rx = r;
+        }
+        assert!(load.join().unwrap().success(), "round {round}");
+    }
+    let flush = flush_lsn(&c);
+    wait_durable(&spool, flush, 60, &[&rx, &tx]);
+    assert_spool_matches(&spool, &c, SEG);
+    c.psql("select pg_switch_wal()").unwrap();
+    wait_durable(&spool, flush_lsn(&c), 60, &[&rx, &tx]);
+    assert!(assert_spool_matches(&spool, &c, SEG) >= 2);
+}
+
+/// A receiver on a given port (restarting one that was killed).
+fn start_receiver_on(
+    w: &Workdir,
+    spool: &std::path::Path,
+    secret: &std::path::Path,
+    port: &str,
+) -> (Daemon, String) {
+    let addr = format!("127.0.0.1:{port}");
+    let args: Vec<String> = [
+        "receive",
+        "--listen",
+        &addr,
+        "--spool",
+        spool.to_str().unwrap(),
+        "--secret-file",
+        secret.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let n = std::fs::read_dir(w.dir.path()).unwrap().count();
+    let d = Daemon::start("receive", &args, w.path(&format!("receive-again-{n}.log")));
+    (d, addr)
+}
+
+#[test]
+fn a_timeline_switch_ships_the_history_file_and_the_new_timeline() {
+    let w = Workdir::new();
+    let mut c = archived_cluster("stream-tli");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let tx = start_shipper(&w, &c, &addr, &secret, &["--interval", "5ms"]);
+    c.psql("create table t(i int); insert into t select generate_series(1, 1000)")
+        .unwrap();
+    wait_durable(&spool, flush_lsn(&c), 30, &[&rx, &tx]);
+    // Archive recovery on the same data directory ends on a new timeline.
+    c.stop().unwrap();
+    c.touch("recovery.signal").unwrap();
+    c.append_conf("restore_command = 'false'\n").unwrap();
+    c.start().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.psql("select pg_is_in_recovery()").unwrap() != "f" {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let tli2 = c
+        .psql("select substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+        .unwrap();
+    assert_eq!(tli2, "00000002");
+    c.psql("insert into t select generate_series(1, 1000)")
+        .unwrap();
+    c.psql("select pg_switch_wal()").unwrap();
+    c.psql("insert into t values (0)").unwrap();
+    let flush = flush_lsn(&c);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while spool_position(&spool).map(|p| p.0 .0) != Some(2)
+        || spool_position(&spool).unwrap().1 < flush
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no timeline 2 in spool: {:?}\n{}\n{}",
+            spool_position(&spool),
+            tx.log_text(),
+            rx.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let history = std::fs::read(spool.join("00000002.history")).unwrap();
+    assert_eq!(
+        history,
+        std::fs::read(c.pg_wal().join("00000002.history")).unwrap()
+    );
+    assert!(assert_spool_matches(&spool, &c, SEG) >= 1);
+    assert!(tx.log_text().contains("timeline switch"));
+    assert!(
+        tx.log_text().contains("primary reachable again")
+            || tx.log_text().contains("lost the primary")
+    );
+}
+
+#[test]
+fn a_wrong_secret_is_refused_and_nothing_is_written() {
+    let w = Workdir::new();
+    let c = small_cluster("stream-secret");
+    let good = w.secret("good", SECRET);
+    let bad = w.secret("bad", "some-other-secret-entirely");
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &good, &[]);
+    let mut tx = start_shipper(&w, &c, &addr, &bad, &[]);
+    assert_eq!(
+        tx.wait_exit(30),
+        Some(1),
+        "shipper with a wrong secret exits 1"
+    );
+    assert!(
+        tx.log_text().contains("authentication failed"),
+        "{}",
+        tx.log_text()
+    );
+    assert!(rx.log_text().contains("refused"), "{}", rx.log_text());
+    assert!(!spool.join("spool.json").exists());
+    assert!(spool_position(&spool).is_none());
+    // No secret at all is refused too.
+    let mut tx = Daemon::start(
+        "ship",
+        &[
+            "ship",
+            "--primary",
+            &c.conninfo(),
+            "--receiver",
+            &addr,
+            "--insecure-no-auth",
+        ]
+        .map(String::from),
+        w.path("ship-noauth.log"),
+    );
+    assert_eq!(tx.wait_exit(30), Some(1));
+    assert!(tx.log_text().contains("AUTHENTICATION IS OFF"));
+    assert!(spool_position(&spool).is_none());
+}
+
+#[test]
+fn a_second_cluster_aimed_at_the_same_spool_is_refused() {
+    let w = Workdir::new();
+    let a = small_cluster("stream-first");
+    let b = small_cluster("stream-second");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let mut ta = start_shipper(&w, &a, &addr, &secret, &[]);
+    a.psql("create table t(i int)").unwrap();
+    wait_durable(&spool, flush_lsn(&a), 30, &[&rx, &ta]);
+    ta.terminate();
+    let before = spool_position(&spool);
+    let listing = |p: &std::path::Path| {
+        let mut v: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "status.json")
+            .collect();
+        v.sort();
+        v
+    };
+    let files = listing(&spool);
+    let mut tb = start_shipper(&w, &b, &addr, &secret, &[]);
+    assert_eq!(tb.wait_exit(30), Some(1));
+    assert!(
+        tb.log_text()
+            .contains("belongs to the cluster with system identifier"),
+        "{}",
+        tb.log_text()
+    );
+    assert_eq!(spool_position(&spool), before);
+    assert_eq!(listing(&spool), files);
+}
+
+#[test]
+fn the_slot_keeps_wal_until_it_has_been_shipped() {
+    let w = Workdir::new();
+    let c = archived_cluster("stream-slot");
+    c.psql("alter system set max_wal_size = '4MB'").unwrap();
+    c.psql("alter system set min_wal_size = '2MB'").unwrap();
+    c.psql("select pg_reload_conf()").unwrap();
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (mut rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let tx = start_shipper(&w, &c, &addr, &secret, &[]);
+    c.psql("create table s(i int, pad text)").unwrap();
+    wait_durable(&spool, flush_lsn(&c), 30, &[&rx, &tx]);
+    let (_, stalled_at) = spool_position(&spool).unwrap();
+    rx.kill9();
+    // Much more WAL than max_wal_size, with checkpoints that would recycle it.
+    for _ in 0..8 {
+        c.psql("insert into s select g, repeat('p', 500) from generate_series(1, 2000) g")
+            .unwrap();
+        c.psql("checkpoint").unwrap();
+    }
+    let restart: waltail::wal::Lsn = c
+        .psql("select restart_lsn from pg_replication_slots where slot_name = 'waltail'")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        restart <= stalled_at,
+        "slot moved past what was shipped: {restart} > {stalled_at}"
+    );
+    let first_needed = c
+        .psql(&format!("select pg_walfile_name('{stalled_at}')"))
+        .unwrap();
+    assert!(
+        c.pg_wal().join(&first_needed).exists(),
+        "{first_needed} was recycled"
+    );
+    let (rx, _) = start_receiver_on(&w, &spool, &secret, &port);
+    c.psql("select pg_switch_wal()").unwrap();
+    wait_durable(&spool, flush_lsn(&c), 60, &[&rx, &tx]);
+    assert!(assert_spool_matches(&spool, &c, SEG) >= 8);
+    // And once shipped, the slot lets go.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r: waltail::wal::Lsn = c
+            .psql("select restart_lsn from pg_replication_slots where slot_name = 'waltail'")
+            .unwrap()
+            .parse()
+            .unwrap();
+        if r > stalled_at {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slot never advanced");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
