@@ -124,6 +124,81 @@ pub enum Command {
         after_help = "Example:\n  waltail receive --listen 0.0.0.0:5433 --spool /var/lib/waltail/spool \\\n      --secret-file /etc/waltail/secret\n\nExit codes: 0 stopped by SIGTERM/SIGINT, 1 a fatal error, 2 bad arguments."
     )]
     Receive(ReceiveArgs),
+    /// restore_command: copy a WAL file from the spool to where recovery wants it.
+    #[command(
+        after_help = "Example (postgresql.conf on the standby):\n  restore_command = 'waltail restore %f %p --spool /var/lib/waltail/spool'\n  restore_command = 'waltail restore %f %p --spool /var/lib/waltail/spool --wait'   # recovery.signal style\n\nExit codes: 0 restored, 1 not found (recovery goes on or, in archive recovery, ends), 2 bad arguments.\nNever 126, 127 or a signal, which PostgreSQL treats as fatal."
+    )]
+    Restore {
+        /// %f: the file name recovery asks for.
+        file: String,
+        /// %p: where to put it.
+        dest: PathBuf,
+        #[arg(long, env = "WALTAIL_SPOOL")]
+        spool: PathBuf,
+        /// recovery.signal style: wait until the segment is complete, or a failover ends the wait.
+        #[arg(long)]
+        wait: bool,
+        /// How often --wait looks again.
+        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        poll: Duration,
+        /// Give up waiting after this long (default: wait until a failover).
+        #[arg(long, value_parser = parse_duration)]
+        max_wait: Option<Duration>,
+    },
+    /// archive_cleanup_command: remove spooled segments recovery no longer needs.
+    #[command(
+        after_help = "Example (postgresql.conf on the standby):\n  archive_cleanup_command = 'waltail cleanup %r --spool /var/lib/waltail/spool'\n\nExit codes: 0 done, 1 an I/O error, 2 bad arguments."
+    )]
+    Cleanup {
+        /// %r: the oldest segment to keep.
+        oldest_kept: String,
+        #[arg(long, env = "WALTAIL_SPOOL")]
+        spool: PathBuf,
+        /// Only print what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The failover hook: fence the receiver, finalize the last segment, promote the standby.
+    #[command(
+        after_help = "Example:\n  waltail failover --spool /var/lib/waltail/spool --standby 'host=/var/run/postgresql user=postgres' --json\n\nExit codes: 0 done (or already done), 1 refused or failed (a live primary, another cluster's spool, a timeout), 2 bad arguments."
+    )]
+    Failover {
+        #[arg(long, env = "WALTAIL_SPOOL")]
+        spool: PathBuf,
+        /// conninfo of the standby to promote (without it, only the spool is finalized).
+        #[arg(long)]
+        standby: Option<String>,
+        /// Fail over even though the receiver heard from a live primary.
+        #[arg(long)]
+        force: bool,
+        /// A primary heard from within this long counts as alive.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        alive_window: Duration,
+        /// How long to wait for replay and promotion.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a standby data directory fed from the spool (base backup + recovery settings).
+    #[command(
+        name = "init-standby",
+        after_help = "Example:\n  waltail init-standby --primary 'host=primary.example.com user=postgres' \\\n      --pgdata /var/lib/postgresql/15/standby --spool /var/lib/waltail/spool --style standby\n\nExit codes: 0 done, 1 failed, 2 bad arguments."
+    )]
+    InitStandby {
+        #[arg(long, env = "WALTAIL_PRIMARY")]
+        primary: String,
+        #[arg(long)]
+        pgdata: PathBuf,
+        #[arg(long, env = "WALTAIL_SPOOL")]
+        spool: PathBuf,
+        #[arg(long, value_enum, default_value = "standby")]
+        style: crate::standby::Style,
+        /// wal_retrieve_retry_interval: how soon recovery reads a growing segment again.
+        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        retry_interval: Duration,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -249,6 +324,102 @@ fn run(cli: Cli) -> u8 {
                 Err(e) => failed("ship", &e),
             }
         }
+        Command::Restore {
+            file,
+            dest,
+            spool,
+            wait,
+            poll,
+            max_wait,
+        } => {
+            let req = crate::restore::RestoreRequest {
+                file,
+                dest,
+                spool,
+                wait,
+                poll,
+                max_wait,
+            };
+            match crate::restore::restore(&req) {
+                Ok(code) => code,
+                Err(crate::restore::RestoreError::BadArgs(e)) => bad_input("restore", e),
+                Err(e) => {
+                    eprintln!("waltail restore: {e}");
+                    crate::restore::EXIT_NOT_FOUND
+                }
+            }
+        }
+        Command::Cleanup {
+            oldest_kept,
+            spool,
+            dry_run,
+        } => match crate::restore::cleanup(&spool, &oldest_kept, dry_run) {
+            Ok(removed) => {
+                for r in removed {
+                    if dry_run {
+                        println!("would remove {r}");
+                    }
+                }
+                EXIT_OK
+            }
+            Err(crate::restore::RestoreError::BadArgs(e)) => bad_input("cleanup", e),
+            Err(e) => {
+                eprintln!("waltail cleanup: {e}");
+                EXIT_FAILED
+            }
+        },
+        Command::Failover {
+            spool,
+            standby,
+            force,
+            alive_window,
+            timeout,
+            json,
+        } => {
+            let cfg = crate::failover::FailoverConfig {
+                spool,
+                standby,
+                force,
+                alive_window,
+                timeout,
+            };
+            let (rt, _token) = runtime();
+            match rt.block_on(crate::failover::run(&cfg)) {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        print!("{}", r.to_text());
+                    }
+                    EXIT_OK
+                }
+                Err(e) => failed("failover", &e),
+            }
+        }
+        Command::InitStandby {
+            primary,
+            pgdata,
+            spool,
+            style,
+            retry_interval,
+        } => match runtime().0.block_on(crate::standby::init_standby(
+            &primary,
+            &pgdata,
+            &spool,
+            style,
+            retry_interval,
+        )) {
+            Ok(p) => {
+                println!(
+                    "standby data directory ready in {} ({} style); start it with pg_ctl -D {} start",
+                    p.display(),
+                    style.signal_file(),
+                    p.display()
+                );
+                EXIT_OK
+            }
+            Err(e) => failed("init-standby", &e),
+        },
         Command::Receive(a) => {
             let secret = match a.auth.secret() {
                 Ok(s) => s,

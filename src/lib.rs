@@ -7,11 +7,15 @@
 //! * [`cli`]: command-line parsing and exit codes.
 
 pub mod cli;
+pub mod failover;
 pub mod fsio;
 pub mod inspect;
+pub mod load;
 pub mod pg;
 pub mod proto;
 pub mod receive;
+pub mod restore;
 pub mod ship;
 pub mod spool;
+pub mod standby;
 pub mod wal;

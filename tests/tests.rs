@@ -6,4 +6,5 @@ mod util;
 mod fuzz;
 mod harness;
 mod inspect;
+mod standby;
 mod stream;

@@ -224,6 +224,34 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Takes charge of an existing data directory (made by `waltail
+    /// init-standby`, say): a free port, its parent as the socket directory.
+    /// The directory is not removed on drop.
+    pub fn adopt(name: &str, data: &Path) -> Result<Cluster> {
+        let bin = PgBin::find().map_err(anyhow::Error::msg)?;
+        let root = data
+            .parent()
+            .context("data directory has no parent")?
+            .to_path_buf();
+        let c = Cluster {
+            bin,
+            name: name.to_string(),
+            data: data.to_path_buf(),
+            root,
+            port: free_port()?,
+            archive: None,
+            run_as: RunAs::for_servers()?,
+            child: None,
+            keep: true,
+            owns_root: false,
+        };
+        c.append_conf(&format!(
+            "\n# adopted by waltail\nunix_socket_directories = '{}'\nlisten_addresses = '127.0.0.1'\narchive_mode = off\n",
+            c.root.display()
+        ))?;
+        Ok(c)
+    }
+
     /// A command that runs as the server user when we are root.
     pub fn command(&self, program: &Path) -> Command {
         let mut cmd = Command::new(program);
@@ -280,7 +308,14 @@ impl Cluster {
     /// The last lines of the server log, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = fs::read_to_string(self.log_path()).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
+        // Connection attempts during start-up are noise here.
+        let all: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                !l.contains("not yet accepting connections")
+                    && !l.contains("Consistent recovery state has not been")
+            })
+            .collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 

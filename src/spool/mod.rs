@@ -240,6 +240,18 @@ impl Spool {
         .map_err(|e| self.io(e))
     }
 
+    /// Gives a file the spool directory's owner when we run as root (a
+    /// failover hook run as root must not leave files the server's
+    /// restore_command cannot read).
+    pub fn own(&self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(());
+        }
+        let m = fs::metadata(&self.dir).map_err(|e| self.io(e))?;
+        std::os::unix::fs::chown(path, Some(m.uid()), Some(m.gid())).map_err(|e| self.io(e))
+    }
+
     /// Reads status.json (None if the receiver never wrote one).
     pub fn status(&self) -> Option<ReceiverStatus> {
         fs::read(self.path(STATUS))
@@ -276,6 +288,7 @@ impl Spool {
         } else {
             nix::fcntl::FlockArg::LockShared
         };
+        self.own(&self.path(WRITE_LOCK))?;
         nix::fcntl::Flock::lock(f, arg).map_err(|(_, e)| self.io(io::Error::from(e)))
     }
 }

@@ -1,0 +1,344 @@
+//! `waltail failover`: end the spool and turn the standby into the primary,
+//! keeping every byte of valid WAL that arrived.
+//!
+//! Steps, each safe to run again if the hook is interrupted:
+//!
+//! 1. **Refuse a split brain**: if the receiver heard from a live primary
+//!    within `alive_window`, stop (unless `--force`).
+//! 2. **Fence**: create `FENCED`, then take the spool's write lock
+//!    exclusively, which waits out a batch being written; from then on the
+//!    receiver refuses data for this spool.
+//! 3. **Cut**: scan the newest segment (with the one before it, so a record
+//!    continued into it is checked whole) and keep the bytes up to the end of
+//!    the last complete, CRC-valid record; zero the rest to the segment size and
+//!    publish it under its final name (temp file, fsync, rename, fsync dir).
+//!    `failover.json` records this: a waiting restore_command now serves it and
+//!    then answers not-found.
+//! 4. **Promote** (with `--standby`): wait until the standby has replayed to
+//!    the cut, then `pg_promote()` (standby.signal), or wait for the server to
+//!    leave recovery by itself (recovery.signal); read the new timeline.
+//! 5. **Report**: final LSN, timelines, bytes kept and discarded, seconds.
+//!
+//! Run again after it finished, it prints the stored report and changes nothing.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::fsio::{fsync_dir, map_readonly, write_atomic};
+use crate::spool::{now_ms, Spool, FAILOVER, FENCED};
+use crate::wal::{
+    scan_segment, Lsn, ScanConfig, ScanSummary, Scanner, SegmentName, TimelineId, WalView,
+};
+
+#[derive(Clone, Debug)]
+pub struct FailoverConfig {
+    pub spool: PathBuf,
+    pub standby: Option<String>,
+    pub force: bool,
+    /// A primary heard from within this window counts as alive.
+    pub alive_window: Duration,
+    /// How long to wait for replay and promotion.
+    pub timeout: Duration,
+}
+
+/// The failover's record and report (`failover.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FailoverReport {
+    /// "published" once the final segment is in place, "done" after promotion.
+    pub state: String,
+    pub final_lsn: Lsn,
+    pub last_record_lsn: Option<Lsn>,
+    pub segment: String,
+    pub old_timeline: TimelineId,
+    pub new_timeline: Option<TimelineId>,
+    pub bytes_kept: u64,
+    pub bytes_discarded: u64,
+    pub end_reason: String,
+    pub seconds: f64,
+    pub promoted: bool,
+    pub already_done: bool,
+}
+
+/// Where the spool's valid WAL ends: the cut point and the segment it is in.
+#[derive(Clone, Debug)]
+pub struct Cut {
+    pub segment: SegmentName,
+    pub summary: ScanSummary,
+    /// Bytes of the segment to keep.
+    pub keep: u64,
+    /// Bytes received past the cut.
+    pub discarded: u64,
+    pub has_partial: bool,
+}
+
+/// Finds the cut: the end of the last complete, valid record in the spool.
+pub fn find_cut(spool: &Spool) -> Result<Cut> {
+    let meta = spool
+        .meta()?
+        .ok_or_else(|| anyhow!("{}: no WAL was ever received here", spool.dir.display()))?;
+    let seg_size = meta
+        .seg_size()
+        .ok_or_else(|| anyhow!("bad segment size in spool.json"))?;
+    let (tli, pos) = spool
+        .position()?
+        .ok_or_else(|| anyhow!("{}: no WAL was ever received here", spool.dir.display()))?;
+    // The segment holding the last byte received.
+    let last = SegmentName::new(tli, pos.prev_segment_number(seg_size));
+    let partial = spool.partial_path(last, seg_size);
+    let complete = spool.segment_path(last, seg_size);
+    let has_partial = partial.exists() && !complete.exists();
+    let file = if has_partial { &partial } else { &complete };
+    let cur = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let cur = map_readonly(&cur)?;
+    let mut cfg = ScanConfig::new(seg_size);
+    cfg.sysid = meta.sysid();
+    cfg.max_tli = Some(tli);
+    let start = last.start_lsn(seg_size);
+    // With the segment before it (on any timeline up to ours), a record that
+    // began there and ends here is checked whole.
+    let prev = (1..=tli.0).rev().find_map(|t| {
+        if last.segno.0 == 0 {
+            return None;
+        }
+        let p = spool.segment_path(
+            SegmentName::new(TimelineId(t), crate::wal::SegmentNo(last.segno.0 - 1)),
+            seg_size,
+        );
+        fs::read(p).ok()
+    });
+    let summary = match prev.filter(|p| p.len() as u64 == seg_size.bytes()) {
+        Some(mut both) => {
+            both.extend_from_slice(&cur);
+            let prev_start = Lsn(start.0 - seg_size.bytes());
+            let view = WalView::new(prev_start, &both).ok_or_else(|| anyhow!("bad view"))?;
+            let mut c = cfg;
+            c.limit = Some(last.end_lsn(seg_size));
+            let s = ScanSummary::run(Scanner::find_first(view, c, prev_start));
+            if s.records == 0 {
+                scan_segment(start, &cur, cfg)
+            } else {
+                s
+            }
+        }
+        None => scan_segment(start, &cur, cfg),
+    };
+    let end = summary.end_lsn.max(start).min(last.end_lsn(seg_size));
+    let keep = end.0 - start.0;
+    let discarded = pos.0.saturating_sub(end.0).min(seg_size.bytes());
+    Ok(Cut {
+        segment: last,
+        summary,
+        keep,
+        discarded,
+        has_partial,
+    })
+}
+
+fn load_report(spool: &Spool) -> Option<FailoverReport> {
+    fs::read(spool.path(FAILOVER))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+fn save_report(spool: &Spool, r: &FailoverReport) -> Result<()> {
+    write_atomic(&spool.path(FAILOVER), &serde_json::to_vec_pretty(r)?)?;
+    spool.own(&spool.path(FAILOVER))?;
+    Ok(())
+}
+
+/// Runs the failover (see the module header).
+pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
+    let t0 = Instant::now();
+    let spool = Spool::open(&cfg.spool)?;
+    if let Some(mut r) = load_report(&spool) {
+        if r.state == "done" {
+            r.already_done = true;
+            return Ok(r);
+        }
+    }
+    // 1. Split brain.
+    if !cfg.force && !spool.is_fenced() {
+        if let Some(st) = spool.status() {
+            let seen = st.primary_seen_at_ms.unwrap_or(0);
+            let age = now_ms().saturating_sub(seen);
+            if st.state == "streaming" && age < cfg.alive_window.as_millis() as u64 {
+                bail!(
+                    "refusing to fail over: the receiver heard from a live primary {:.1} s ago (shipper {}). Promoting now would give two primaries (split brain). Stop the primary first, or use --force if you are sure it is gone",
+                    age as f64 / 1000.0,
+                    st.peer.unwrap_or_default()
+                );
+            }
+        }
+    }
+    // 2. Fence.
+    if !spool.is_fenced() {
+        fs::write(
+            spool.path(FENCED),
+            format!("fenced by waltail failover at {} ms\n", now_ms()),
+        )?;
+        spool.own(&spool.path(FENCED))?;
+        fsync_dir(&spool.dir)?;
+        info!("spool fenced");
+    }
+    let lock = tokio::task::spawn_blocking({
+        let s = spool.clone();
+        move || s.write_lock(true)
+    })
+    .await??;
+    // 3. Cut and publish.
+    let mut report = match load_report(&spool) {
+        Some(r) => r,
+        None => {
+            let cut = find_cut(&spool)?;
+            let seg_size = spool.seg_size()?;
+            let name = cut.segment.file_name(seg_size);
+            if cut.has_partial {
+                let src = fs::read(spool.partial_path(cut.segment, seg_size))?;
+                let mut out = vec![0u8; seg_size.bytes() as usize];
+                let k = (cut.keep as usize).min(src.len());
+                out[..k].copy_from_slice(&src[..k]);
+                write_atomic(&spool.segment_path(cut.segment, seg_size), &out)?;
+                spool.own(&spool.segment_path(cut.segment, seg_size))?;
+                info!(segment = %name, kept = cut.keep, "published the final segment");
+            }
+            let r = FailoverReport {
+                state: "published".into(),
+                final_lsn: cut.summary.end_lsn.max(cut.segment.start_lsn(seg_size)),
+                last_record_lsn: cut.summary.last_record,
+                segment: name,
+                old_timeline: cut.segment.tli,
+                new_timeline: None,
+                bytes_kept: cut.keep,
+                bytes_discarded: cut.discarded,
+                end_reason: cut.summary.end.to_string(),
+                seconds: 0.0,
+                promoted: false,
+                already_done: false,
+            };
+            save_report(&spool, &r)?;
+            r
+        }
+    };
+    drop(lock);
+    // 4. Promote.
+    if let Some(conninfo) = &cfg.standby {
+        promote(conninfo, &spool, &mut report, cfg.timeout).await?;
+        report.promoted = true;
+    }
+    report.state = if cfg.standby.is_some() {
+        "done"
+    } else {
+        "published"
+    }
+    .into();
+    report.seconds = t0.elapsed().as_secs_f64();
+    save_report(&spool, &report)?;
+    Ok(report)
+}
+
+async fn promote(
+    conninfo: &str,
+    spool: &Spool,
+    report: &mut FailoverReport,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let c = loop {
+        match crate::pg::client::connect(conninfo).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("standby not reachable yet: {e:#}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let info = crate::pg::client::server_info(&c).await?;
+    if let Some(m) = spool.meta()? {
+        if m.sysid() != Some(info.sysid) {
+            bail!(
+                "the standby is system {}, but the spool holds WAL of system {}: refusing to feed it another cluster's WAL",
+                info.sysid,
+                m.system_identifier
+            );
+        }
+    }
+    if info.in_recovery {
+        let standby_style: bool = c
+            .query_one(
+                "SELECT (pg_stat_file('standby.signal', true)).size IS NOT NULL",
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(true);
+        if standby_style {
+            // Replay to the cut, then promote.
+            let target = report.last_record_lsn.unwrap_or(report.final_lsn);
+            loop {
+                let row = c
+                    .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+                    .await?;
+                let replayed: Option<String> = row.get(0);
+                let replayed: Lsn = replayed.and_then(|s| s.parse().ok()).unwrap_or_default();
+                if replayed > target {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the standby replayed only to {replayed}, not past {target}, within {timeout:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            c.query_one(
+                "SELECT pg_promote(true, $1)",
+                &[&(timeout.as_secs().max(1) as i32)],
+            )
+            .await
+            .context("pg_promote()")?;
+        }
+        // recovery.signal: the waiting restore_command now ends recovery.
+        loop {
+            let r: bool = c.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+            if !r {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the standby did not leave recovery within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let name: String = c
+        .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
+        .await?
+        .get(0);
+    report.new_timeline = u32::from_str_radix(&name[..8], 16).ok().map(TimelineId);
+    Ok(())
+}
+
+impl FailoverReport {
+    pub fn to_text(&self) -> String {
+        let tl = self
+            .new_timeline
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "-".into());
+        format!(
+            "{}final LSN:        {}\nlast record:      {}\nsegment:          {}\ntimeline:         {} -> {}\nbytes kept:       {}\nbytes discarded:  {}\nend of WAL:       {}\nseconds:          {:.3}\n",
+            if self.already_done { "failover already done; nothing changed\n" } else { "" },
+            self.final_lsn,
+            self.last_record_lsn.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            self.segment,
+            self.old_timeline,
+            tl,
+            self.bytes_kept,
+            self.bytes_discarded,
+            self.end_reason,
+            self.seconds
+        )
+    }
+}

@@ -1,0 +1,188 @@
+//! `waltail init-standby`: one command from nothing to a standby fed by the spool.
+//!
+//! It takes a base backup of the primary (pg_basebackup, WAL streamed into the
+//! backup so it is consistent on its own) and writes the recovery settings:
+//!
+//! * `restore_command = '<waltail> restore %f %p --spool <dir>'`, with `--wait`
+//!   for the recovery.signal style;
+//! * `archive_cleanup_command = '<waltail> cleanup %r --spool <dir>'`;
+//! * `wal_retrieve_retry_interval` (standby style: how soon a growing partial
+//!   segment is read again, which sets hot-standby visibility lag);
+//! * `recovery_target_timeline = 'latest'`, `hot_standby = on`;
+//! * the signal file: `standby.signal` or `recovery.signal`.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::pg::cluster::RunAs;
+use crate::pg::PgBin;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Style {
+    /// standby.signal: restore answers at once and serves the growing partial segment.
+    Standby,
+    /// recovery.signal: restore waits for complete segments until a failover (pg_standby style).
+    Recovery,
+}
+
+impl Style {
+    pub fn signal_file(self) -> &'static str {
+        match self {
+            Style::Standby => "standby.signal",
+            Style::Recovery => "recovery.signal",
+        }
+    }
+}
+
+/// A path as a shell word inside a postgresql.conf string: bare when it is
+/// plain, else in double quotes (shell) with single quotes doubled (conf).
+fn shell_word(p: &Path) -> String {
+    let s = p.display().to_string();
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+".contains(&b))
+    {
+        return s;
+    }
+    let mut q = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' | '\\' | '$' | '`' => {
+                q.push('\\');
+                q.push(c);
+            }
+            '\'' => q.push_str("''"),
+            c => q.push(c),
+        }
+    }
+    q.push('"');
+    q
+}
+
+/// The recovery settings for a standby fed from `spool`.
+///
+/// In the recovery.signal style on PostgreSQL 15+, `recovery_prefetch` is
+/// turned off: with read-ahead, the startup process asks for the next
+/// segment before it replays the records it has already read, and a waiting
+/// restore_command would then hold back their replay (a standby that never
+/// becomes consistent after its base backup, for one).
+pub fn recovery_settings(
+    exe: &Path,
+    spool: &Path,
+    style: Style,
+    retry: Duration,
+    server_major: u32,
+) -> String {
+    let wait = if style == Style::Recovery {
+        " --wait"
+    } else {
+        ""
+    };
+    let mut conf = format!(
+        "\n# written by waltail init-standby\n\
+         restore_command = '{exe} restore %f %p --spool {spool}{wait}'\n\
+         archive_cleanup_command = '{exe} cleanup %r --spool {spool}'\n\
+         wal_retrieve_retry_interval = '{ms}ms'\n\
+         recovery_target_timeline = 'latest'\n\
+         hot_standby = on\n\
+         primary_conninfo = ''\n",
+        exe = shell_word(exe),
+        spool = shell_word(spool),
+        ms = retry.as_millis().max(1),
+    );
+    if style == Style::Recovery && server_major >= 15 {
+        conf.push_str("recovery_prefetch = off\n");
+    }
+    conf
+}
+
+/// Writes the recovery settings and the signal file into `pgdata`.
+pub fn configure(
+    pgdata: &Path,
+    exe: &Path,
+    spool: &Path,
+    style: Style,
+    retry: Duration,
+    owner: Option<RunAs>,
+    server_major: u32,
+) -> Result<()> {
+    let conf = pgdata.join("postgresql.auto.conf");
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&conf)
+        .with_context(|| format!("opening {}", conf.display()))?;
+    f.write_all(recovery_settings(exe, spool, style, retry, server_major).as_bytes())?;
+    for other in ["standby.signal", "recovery.signal"] {
+        let _ = std::fs::remove_file(pgdata.join(other));
+    }
+    let sig = pgdata.join(style.signal_file());
+    std::fs::write(&sig, b"")?;
+    if let Some(r) = owner {
+        r.chown(&conf)?;
+        r.chown(&sig)?;
+    }
+    Ok(())
+}
+
+/// `waltail init-standby`.
+///
+/// In the recovery.signal style the standby only replays complete segments,
+/// so the primary is asked to switch to a new segment after the backup: the
+/// backup's last segment completes at once and the standby becomes
+/// consistent (and, with hot_standby, readable) without waiting for traffic.
+pub async fn init_standby(
+    primary: &str,
+    pgdata: &Path,
+    spool: &Path,
+    style: Style,
+    retry: Duration,
+) -> Result<PathBuf> {
+    if pgdata.exists()
+        && std::fs::read_dir(pgdata)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{} exists and is not empty: init-standby makes a new data directory",
+            pgdata.display()
+        );
+    }
+    let bin = PgBin::find().map_err(anyhow::Error::msg)?;
+    let owner = RunAs::for_servers()?;
+    let mut cmd = Command::new(bin.tool("pg_basebackup"));
+    cmd.arg("-D")
+        .arg(pgdata)
+        .args(["-X", "stream", "-c", "fast", "-d"])
+        .arg(crate::pg::client::conninfo_with_env(primary));
+    if let Some(r) = owner {
+        if let Some(parent) = pgdata.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(pgdata)?;
+        r.chown(pgdata)?;
+        r.apply(&mut cmd);
+    }
+    let out = cmd.output().context("running pg_basebackup")?;
+    if !out.status.success() {
+        bail!(
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let exe = std::env::current_exe().context("finding the waltail executable")?;
+    let spool = std::path::absolute(spool)?;
+    configure(pgdata, &exe, &spool, style, retry, owner, bin.major)?;
+    if style == Style::Recovery {
+        let c = crate::pg::client::connect(primary).await?;
+        c.query_one("SELECT pg_switch_wal()::text", &[])
+            .await
+            .context("pg_switch_wal() on the primary after the base backup")?;
+    }
+    Ok(pgdata.to_path_buf())
+}

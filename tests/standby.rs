@@ -1,0 +1,380 @@
+//! The standby side end to end on real servers, in both styles: restore,
+//! cleanup, init-standby, and the failover after the primary is SIGKILLed.
+
+use std::time::Duration;
+
+use crate::util::*;
+use tokio_util::sync::CancellationToken;
+use waltail::load::{self, Acked};
+use waltail::wal::Lsn;
+
+const SECRET: &str = "test-secret-0123456789abcdef";
+
+struct Setup {
+    w: Workdir,
+    primary: Cluster,
+    rx: Daemon,
+    tx: Daemon,
+    spool: std::path::PathBuf,
+    standby: Cluster,
+}
+
+fn setup(name: &str, style: &str) -> Setup {
+    let w = Workdir::new();
+    let primary = small_cluster(&format!("{name}-primary"));
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let tx = start_shipper(&w, &primary, &addr, &secret, &["--interval", "2ms"]);
+    rt().block_on(load::create_table(&primary.conninfo(), "t"))
+        .unwrap();
+    wait_durable(&spool, flush_lsn(&primary), 30, &[&rx, &tx]);
+    let pgdata = w.path("standby");
+    let out = waltail(&[
+        "init-standby",
+        "--primary",
+        &primary.conninfo(),
+        "--pgdata",
+        pgdata.to_str().unwrap(),
+        "--spool",
+        spool.to_str().unwrap(),
+        "--style",
+        style,
+    ]);
+    assert!(
+        out.status.success(),
+        "init-standby: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let signal = if style == "standby" {
+        "standby.signal"
+    } else {
+        "recovery.signal"
+    };
+    assert!(pgdata.join(signal).exists());
+    let mut standby = Cluster::adopt(&format!("{name}-standby"), &pgdata).unwrap();
+    if let Err(e) = standby.start() {
+        let mut ls: Vec<_> = std::fs::read_dir(&spool)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        ls.sort();
+        let dump = std::process::Command::new(pg_bin().tool("pg_waldump"))
+            .args(["-p", spool.to_str().unwrap(), "000000010000000000000007"])
+            .output()
+            .unwrap();
+        panic!(
+            "standby did not start: {e:#}\nspool: {ls:?}\nwaldump: {}{}\n--- ship\n{}\n--- receive\n{}",
+            String::from_utf8_lossy(&dump.stdout).lines().rev().take(8).collect::<Vec<_>>().join("\n"),
+            String::from_utf8_lossy(&dump.stderr),
+            tx.log_text(),
+            rx.log_text()
+        );
+    }
+    Setup {
+        w,
+        primary,
+        rx,
+        tx,
+        spool,
+        standby,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs the numbered load until `secs` pass or the primary dies.
+fn start_load(
+    conninfo: String,
+    secs: u64,
+    stop: CancellationToken,
+) -> std::thread::JoinHandle<Vec<Acked>> {
+    std::thread::spawn(move || {
+        rt().block_on(load::numbered_inserts(
+            &conninfo,
+            "t",
+            stop,
+            1_000_000,
+            Duration::from_secs(secs),
+            true,
+        ))
+        .unwrap()
+    })
+}
+
+fn failover(s: &Setup) -> serde_json::Value {
+    let out = waltail(&[
+        "failover",
+        "--spool",
+        s.spool.to_str().unwrap(),
+        "--standby",
+        &s.standby.conninfo(),
+        "--alive-window",
+        "1s",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "failover: {}\n--- ship\n{}\n--- receive\n{}\n--- standby\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.tx.log_text(),
+        s.rx.log_text(),
+        s.standby.log_tail(40)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn kill_and_fail_over(style: &str) {
+    let mut s = setup(&format!("kill-{style}"), style);
+    let stop = CancellationToken::new();
+    let load = start_load(s.primary.conninfo(), 20, stop.clone());
+    std::thread::sleep(Duration::from_millis(2500));
+    if style == "standby" {
+        // Hot standby sees commits while the primary writes, mid-segment.
+        let seen: i64 = s
+            .standby
+            .psql("select count(*) from t")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(seen > 0, "standby sees no commits while the primary writes");
+    }
+    s.primary.kill();
+    let acked = load.join().unwrap();
+    assert!(acked.len() > 50, "load acked only {} commits", acked.len());
+    std::thread::sleep(Duration::from_millis(1200));
+    let (_, durable) = spool_position(&s.spool).unwrap();
+    let report = failover(&s);
+    assert_eq!(report["state"], "done");
+    assert_eq!(report["promoted"], true);
+    assert_eq!(report["old_timeline"], 1);
+    let new_tli = report["new_timeline"].as_u64().unwrap();
+    assert!(new_tli >= 2, "{report}");
+    let final_lsn: Lsn = report["final_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(final_lsn <= durable);
+
+    let ids = rt()
+        .block_on(load::ids(&s.standby.conninfo(), "t"))
+        .unwrap();
+    assert!(
+        load::is_gap_free_prefix(&ids),
+        "not a gap-free prefix: {} rows, max {:?}",
+        ids.len(),
+        ids.last()
+    );
+    let kept = ids.len() as i64;
+    let max_acked = acked.last().unwrap().id;
+    assert!(
+        kept <= max_acked + 1,
+        "standby has {kept} commits, only {max_acked} were acked (+1 in flight)"
+    );
+    // Every commit whose WAL was durable in the spool survived.
+    let must = acked
+        .iter()
+        .filter(|a| a.lsn_after.is_some_and(|l| l <= durable))
+        .map(|a| a.id)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        kept >= must,
+        "lost commit {must} although its WAL was durable in the spool (kept {kept}, durable {durable}); report {report}\n--- standby log\n{}",
+        s.standby.log_tail(40)
+    );
+    eprintln!("{style}: acked {max_acked}, kept {kept}, durable {durable}, final {final_lsn}, report {report}");
+    // The promoted standby takes writes on its new timeline.
+    s.standby.psql("insert into t values (-1)").unwrap();
+    let tli = s
+        .standby
+        .psql("select substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+        .unwrap();
+    assert_eq!(u64::from_str_radix(&tli, 16).unwrap(), new_tli);
+    // The shipper stopped itself: the spool is fenced.
+    assert!(s.spool.join("FENCED").exists());
+    // Run again: already done, nothing changes.
+    let listing = |p: &std::path::Path| {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name() != "status.json")
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().to_string(),
+                    std::fs::read(e.path()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&s.spool);
+    let again = failover(&s);
+    assert_eq!(again["already_done"], true);
+    assert_eq!(again["final_lsn"], report["final_lsn"]);
+    assert!(
+        listing(&s.spool) == before,
+        "a second failover changed the spool"
+    );
+    let _ = &s.w;
+}
+
+#[test]
+fn kill_and_fail_over_standby_signal_style() {
+    kill_and_fail_over("standby");
+}
+
+#[test]
+fn kill_and_fail_over_recovery_signal_style() {
+    kill_and_fail_over("recovery");
+}
+
+#[test]
+fn a_planned_switchover_loses_nothing() {
+    let mut s = setup("switchover", "standby");
+    let stop = CancellationToken::new();
+    let load = start_load(s.primary.conninfo(), 2, stop);
+    let acked = load.join().unwrap();
+    let flush = flush_lsn(&s.primary);
+    wait_durable(&s.spool, flush, 30, &[&s.rx, &s.tx]);
+    s.primary.stop().unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    failover(&s);
+    let ids = rt()
+        .block_on(load::ids(&s.standby.conninfo(), "t"))
+        .unwrap();
+    assert_eq!(
+        ids.len(),
+        acked.len(),
+        "a clean switchover kept every acked commit"
+    );
+    assert!(load::is_gap_free_prefix(&ids));
+}
+
+#[test]
+fn failover_is_refused_while_the_primary_is_alive() {
+    let s = setup("alive", "standby");
+    s.primary.psql("insert into t values (1)").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = waltail(&[
+        "failover",
+        "--spool",
+        s.spool.to_str().unwrap(),
+        "--standby",
+        &s.standby.conninfo(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("split brain"), "{err}");
+    assert!(!s.spool.join("FENCED").exists());
+    // Streaming goes on.
+    s.primary.psql("insert into t values (2)").unwrap();
+    wait_durable(&s.spool, flush_lsn(&s.primary), 30, &[&s.rx, &s.tx]);
+    assert_eq!(s.standby.psql("select pg_is_in_recovery()").unwrap(), "t");
+}
+
+#[test]
+fn restore_refuses_hostile_names_and_cleanup_keeps_what_is_needed() {
+    let w = Workdir::new();
+    let c = small_cluster("restore-names");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let tx = start_shipper(&w, &c, &addr, &secret, &[]);
+    c.psql("create table x(i int)").unwrap();
+    for _ in 0..3 {
+        c.psql("insert into x select generate_series(1, 20000)")
+            .unwrap();
+        c.psql("select pg_switch_wal()").unwrap();
+    }
+    c.psql("insert into x values (1)").unwrap();
+    wait_durable(&spool, flush_lsn(&c), 30, &[&rx, &tx]);
+    let dest = w.path("dest");
+    std::fs::create_dir_all(&dest).unwrap();
+    let long = "0".repeat(300);
+    for bad in [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "000000010000000000000001/x",
+        "..",
+        long.as_str(),
+        "00000001000000000000000G",
+    ] {
+        let out = waltail(&[
+            "restore",
+            bad,
+            dest.join("RECOVERYXLOG").to_str().unwrap(),
+            "--spool",
+            spool.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert_eq!(
+            std::fs::read_dir(&dest).unwrap().count(),
+            0,
+            "nothing written for {bad}"
+        );
+    }
+    // A missing history file: not found at once, never a wait.
+    let t0 = std::time::Instant::now();
+    let out = waltail(&[
+        "restore",
+        "00000005.history",
+        dest.join("h").to_str().unwrap(),
+        "--spool",
+        spool.to_str().unwrap(),
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // A complete segment is restored byte for byte; the live one full size.
+    let mut complete: Vec<String> = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.len() == 24)
+        .collect();
+    complete.sort();
+    assert!(complete.len() >= 3);
+    let out = waltail(&[
+        "restore",
+        &complete[1],
+        dest.join("RECOVERYXLOG").to_str().unwrap(),
+        "--spool",
+        spool.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        std::fs::read(dest.join("RECOVERYXLOG")).unwrap()
+            == std::fs::read(spool.join(&complete[1])).unwrap()
+    );
+    let live = c
+        .psql("select pg_walfile_name(pg_current_wal_flush_lsn())")
+        .unwrap();
+    let out = waltail(&[
+        "restore",
+        &live,
+        dest.join("LIVE").to_str().unwrap(),
+        "--spool",
+        spool.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(std::fs::metadata(dest.join("LIVE")).unwrap().len(), 1 << 20);
+    // Cleanup: everything older than the second complete segment goes; history
+    // and the segment being received stay.
+    std::fs::write(spool.join("00000001.history"), "x").unwrap();
+    let out = waltail(&["cleanup", &complete[1], "--spool", spool.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(!spool.join(&complete[0]).exists());
+    assert!(spool.join(&complete[1]).exists());
+    assert!(spool.join("00000001.history").exists());
+    assert!(spool.join(format!("{live}.partial")).exists());
+    let out = waltail(&["cleanup", "../../x", "--spool", spool.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+}
