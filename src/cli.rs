@@ -181,6 +181,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Throwaway primary + standby on this machine: ship, load, kill the primary, fail over, report.
+    #[command(
+        after_help = "Example:\n  waltail demo\n  waltail demo --style recovery --seconds 8\n\nNeeds PostgreSQL installed (WALTAIL_PG_BIN to pick one); run as root, the servers run as `postgres`.\nExit codes: 0 the promoted standby holds a gap-free prefix of the acknowledged commits, 1 it does not, or the demo failed."
+    )]
+    Demo {
+        /// How long the load runs before the primary is killed.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, value_enum, default_value = "standby")]
+        style: crate::standby::Style,
+        /// The shipper's poll interval.
+        #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+        interval: Duration,
+        /// Keep the directories instead of removing them.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Make a standby data directory fed from the spool (base backup + recovery settings).
     #[command(
         name = "init-standby",
@@ -420,6 +437,31 @@ fn run(cli: Cli) -> u8 {
             }
             Err(e) => failed("init-standby", &e),
         },
+        Command::Demo {
+            seconds,
+            style,
+            interval,
+            keep,
+        } => {
+            let (rt, token) = runtime();
+            let opts = crate::demo::DemoOptions {
+                seconds: seconds.clamp(1, 120),
+                style,
+                interval,
+                keep,
+            };
+            match rt.block_on(crate::demo::run(&opts, token)) {
+                Ok(r) => {
+                    print!("{}", r.table());
+                    if r.gap_free {
+                        EXIT_OK
+                    } else {
+                        EXIT_FAILED
+                    }
+                }
+                Err(e) => failed("demo", &e),
+            }
+        }
         Command::Receive(a) => {
             let secret = match a.auth.secret() {
                 Ok(s) => s,

@@ -7,6 +7,7 @@
 //! * [`cli`]: command-line parsing and exit codes.
 
 pub mod cli;
+pub mod demo;
 pub mod failover;
 pub mod fsio;
 pub mod inspect;
