@@ -284,11 +284,27 @@ fn init_logging(format: LogFormat) {
 
 /// A runtime, and a token cancelled by SIGTERM or SIGINT.
 fn runtime() -> (tokio::runtime::Runtime, CancellationToken) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
+    with_runtime(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("building the tokio runtime"),
+    )
+}
+
+/// A single-threaded runtime: the shipper is one loop, and at idle one
+/// thread wakes less often than a pool.
+fn runtime_single() -> (tokio::runtime::Runtime, CancellationToken) {
+    with_runtime(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("building the tokio runtime"),
+    )
+}
+
+fn with_runtime(rt: tokio::runtime::Runtime) -> (tokio::runtime::Runtime, CancellationToken) {
     let token = CancellationToken::new();
     let t = token.clone();
     rt.spawn(async move {
@@ -334,7 +350,7 @@ fn run(cli: Cli) -> u8 {
             cfg.slot = (!a.no_slot).then_some(a.slot);
             cfg.start_lsn = a.start_lsn;
             cfg.pg_wal = a.pg_wal;
-            let (rt, token) = runtime();
+            let (rt, token) = runtime_single();
             let (tx, _rx) = tokio::sync::watch::channel(Default::default());
             match rt.block_on(crate::ship::run(cfg, token, tx)) {
                 Ok(()) => EXIT_OK,

@@ -1,6 +1,7 @@
 //! File I/O that must be right: memory maps and crash-safe writes.
 //!
-//! * [`map_readonly`] is the crate's only `unsafe`: a read-only memory map.
+//! * [`map_readonly`] and [`release_pages`] hold the crate's only `unsafe`:
+//!   a read-only memory map and dropping its pages.
 //! * [`write_atomic`] and [`fsync_dir`] are the one durable-write path: data
 //!   goes to a temporary name in the target directory, is fsynced, renamed
 //!   over the final name, and the directory is fsynced, so a reader sees the
@@ -26,6 +27,25 @@ pub fn map_readonly(file: &File) -> io::Result<Mmap> {
     // SAFETY: see the function's doc comment: the files mapped here are not
     // truncated while mapped, and every byte read from the map is validated.
     unsafe { Mmap::map(file) }
+}
+
+/// Tells the kernel this process no longer needs the mapped pages of
+/// `[offset, offset + len)` (rounded inward to whole pages), so a long-lived
+/// map of a large segment does not grow the resident set. The file's data is
+/// untouched: later reads fault the pages in again from the page cache.
+pub fn release_pages(map: &Mmap, offset: usize, len: usize) {
+    const PAGE: usize = 4096;
+    let start = offset.div_ceil(PAGE) * PAGE;
+    let end = ((offset + len).min(map.len()) / PAGE) * PAGE;
+    if end > start {
+        // SAFETY: MADV_DONTNEED on a read-only, shared, file-backed mapping
+        // only drops this process's page table entries; the contents stay in
+        // the file and page cache and are read back on the next access. No
+        // reference into this range is held across this call by our callers.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
+    }
 }
 
 /// Fsyncs a directory, making renames and creations in it durable.

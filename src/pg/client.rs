@@ -134,13 +134,14 @@ impl FlushPoint {
     }
 }
 
-pub async fn flush_point(c: &Client) -> Result<FlushPoint> {
+/// The poll: `pg_walfile_name_offset(pg_current_wal_flush_lsn())`, with the LSN.
+pub const FLUSH_POINT_SQL: &str = "SELECT l::text, n.file_name, n.file_offset
+       FROM pg_current_wal_flush_lsn() l, pg_walfile_name_offset(l) n";
+
+/// Polls the flush point with a statement prepared once ([`FLUSH_POINT_SQL`]).
+pub async fn flush_point(c: &Client, stmt: &tokio_postgres::Statement) -> Result<FlushPoint> {
     let row = c
-        .query_one(
-            "SELECT l::text, (pg_walfile_name_offset(l)).file_name, (pg_walfile_name_offset(l)).file_offset
-               FROM pg_current_wal_flush_lsn() l",
-            &[],
-        )
+        .query_one(stmt, &[])
         .await
         .context("polling pg_walfile_name_offset(pg_current_wal_flush_lsn())")?;
     let lsn: String = row.get(0);

@@ -107,6 +107,7 @@ enum Fault {
 
 struct Primary {
     client: Client,
+    poll: tokio_postgres::Statement,
     info: ServerInfo,
     source: WalSource,
     pg_wal: PathBuf,
@@ -189,7 +190,7 @@ pub async fn run(
             }
         }
         let p = primary.as_mut().expect("connected above");
-        let fp = match flush_point(&p.client).await {
+        let fp = match flush_point(&p.client, &p.poll).await {
             Ok(fp) => fp,
             Err(e) => {
                 let wait = pg_backoff.fail();
@@ -347,8 +348,13 @@ async fn open_primary(cfg: &ShipConfig) -> Result<Primary, Fault> {
         )));
     }
     let source = WalSource::new(pg_wal.clone(), info.seg_size, info.sysid);
+    let poll = client
+        .prepare(crate::pg::client::FLUSH_POINT_SQL)
+        .await
+        .map_err(|e| Fault::Pg(e.into()))?;
     Ok(Primary {
         client,
+        poll,
         info,
         source,
         pg_wal,
@@ -563,6 +569,9 @@ async fn ship_once(
         sent = true;
         at = got;
         s.next = (tli, at);
+    }
+    if sent {
+        p.source.release_below(at.page_lsn());
     }
     if sent || s.last_heartbeat.elapsed() >= cfg.heartbeat {
         s.w.send(&Frame::Heartbeat {

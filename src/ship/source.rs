@@ -83,9 +83,16 @@ impl WalSource {
         Ok(&self.cur.as_ref().expect("mapped above").1)
     }
 
-    /// Drops the mapping (before sleeping, so a removed file's space is freed).
-    pub fn release(&mut self) {
-        self.cur = None;
+    /// Lets go of the mapped pages below `upto` (already sent), keeping the
+    /// resident set small whatever the segment size.
+    pub fn release_below(&mut self, upto: Lsn) {
+        if let Some((seg, map)) = &self.cur {
+            let start = seg.start_lsn(self.seg_size);
+            if upto > start {
+                let n = ((upto.0 - start.0) as usize).min(map.len());
+                crate::fsio::release_pages(map, 0, n);
+            }
+        }
     }
 
     /// The flushed bytes `[from, to)` of timeline `tli`, within one segment,
