@@ -313,3 +313,88 @@ fn the_slot_keeps_wal_until_it_has_been_shipped() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files.
+fn make_tls(
+    w: &Workdir,
+    prefix: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+    let (ca_p, cert_p, key_p) = (
+        w.path(&format!("{prefix}ca.pem")),
+        w.path(&format!("{prefix}cert.pem")),
+        w.path(&format!("{prefix}key.pem")),
+    );
+    std::fs::write(&ca_p, ca.pem()).unwrap();
+    std::fs::write(&cert_p, cert.pem()).unwrap();
+    std::fs::write(&key_p, key.serialize_pem()).unwrap();
+    if let Some(r) = waltail::pg::cluster::RunAs::for_servers().unwrap() {
+        for p in [&ca_p, &cert_p, &key_p] {
+            r.chown(p).unwrap();
+        }
+    }
+    (ca_p, cert_p, key_p)
+}
+
+#[test]
+fn tls_streams_when_the_receiver_is_verified_and_not_otherwise() {
+    let w = Workdir::new();
+    let c = small_cluster("stream-tls");
+    let secret = w.secret("secret", SECRET);
+    let (ca, cert, key) = make_tls(&w, "good-");
+    let (other_ca, _, _) = make_tls(&w, "other-");
+    // A shipper that trusts another CA gets nowhere.
+    let spool_bad = w.path("spool-bad");
+    let (rx_bad, addr_bad) = start_receiver(
+        &w,
+        &spool_bad,
+        &secret,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let tx_bad = start_shipper(
+        &w,
+        &c,
+        &addr_bad,
+        &secret,
+        &["--tls-ca", other_ca.to_str().unwrap()],
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(spool_position(&spool_bad).is_none());
+    assert!(
+        tx_bad.log_text().to_lowercase().contains("certificate"),
+        "{}",
+        tx_bad.log_text()
+    );
+    drop((rx_bad, tx_bad));
+    // With the right CA, WAL flows over TLS.
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(
+        &w,
+        &spool,
+        &secret,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let tx = start_shipper(&w, &c, &addr, &secret, &["--tls-ca", ca.to_str().unwrap()]);
+    c.psql("create table t(i int); insert into t select generate_series(1, 5000)")
+        .unwrap();
+    wait_durable(&spool, flush_lsn(&c), 30, &[&rx, &tx]);
+}

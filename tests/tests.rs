@@ -7,5 +7,6 @@ mod demo;
 mod fuzz;
 mod harness;
 mod inspect;
+mod protocol;
 mod standby;
 mod stream;

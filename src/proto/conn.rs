@@ -137,6 +137,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
+    /// Writes bytes as they are (tests use it to send damaged frames).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ProtoError> {
+        self.w.write_all(bytes).await?;
+        self.w.flush().await?;
+        Ok(())
+    }
+
     pub async fn flush(&mut self) -> Result<(), ProtoError> {
         self.w.flush().await?;
         Ok(())
