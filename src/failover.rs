@@ -87,8 +87,20 @@ pub fn find_cut(spool: &Spool) -> Result<Cut> {
     let (tli, pos) = spool
         .position()?
         .ok_or_else(|| anyhow!("{}: no WAL was ever received here", spool.dir.display()))?;
-    // The segment holding the last byte received.
-    let last = SegmentName::new(tli, pos.prev_segment_number(seg_size));
+    // The newest segment in the spool: of the position's timeline, else of
+    // the newest older one. Not the position alone: it is rewritten without
+    // fsync, so after a power loss it may lag the (fsynced) data.
+    let mut newest: Option<SegmentName> = None;
+    for (_, w) in spool.wal_files(seg_size)? {
+        if let crate::wal::WalFileName::Segment(s) | crate::wal::WalFileName::Partial(s) = w {
+            if s.tli <= tli && newest.is_none_or(|n| (s.tli, s.segno) > (n.tli, n.segno)) {
+                newest = Some(s);
+            }
+        }
+    }
+    let last =
+        newest.ok_or_else(|| anyhow!("{}: the spool holds no segment", spool.dir.display()))?;
+    let tli = last.tli;
     let partial = spool.partial_path(last, seg_size);
     let complete = spool.segment_path(last, seg_size);
     let has_partial = partial.exists() && !complete.exists();
@@ -101,16 +113,19 @@ pub fn find_cut(spool: &Spool) -> Result<Cut> {
     let start = last.start_lsn(seg_size);
     // With the segment before it (on any timeline up to ours), a record that
     // began there and ends here is checked whole.
-    let prev = (1..=tli.0).rev().find_map(|t| {
-        if last.segno.0 == 0 {
-            return None;
-        }
-        let p = spool.segment_path(
-            SegmentName::new(TimelineId(t), crate::wal::SegmentNo(last.segno.0 - 1)),
-            seg_size,
-        );
-        fs::read(p).ok()
-    });
+    let prev = spool
+        .wal_files(seg_size)?
+        .into_iter()
+        .filter_map(|(_, w)| match w {
+            crate::wal::WalFileName::Segment(s)
+                if s.tli <= tli && s.segno.0.checked_add(1) == Some(last.segno.0) =>
+            {
+                Some(s)
+            }
+            _ => None,
+        })
+        .max_by_key(|s| s.tli)
+        .and_then(|s| fs::read(spool.segment_path(s, seg_size)).ok());
     let summary = match prev.filter(|p| p.len() as u64 == seg_size.bytes()) {
         Some(mut both) => {
             both.extend_from_slice(&cur);
@@ -119,7 +134,10 @@ pub fn find_cut(spool: &Spool) -> Result<Cut> {
             let mut c = cfg;
             c.limit = Some(last.end_lsn(seg_size));
             let s = ScanSummary::run(Scanner::find_first(view, c, prev_start));
-            if s.records == 0 {
+            // Only when no record starts in the previous segment at all (it is
+            // one record's middle) is the last segment read on its own; a
+            // record that fails anywhere else ends valid WAL there.
+            if s.records == 0 && s.end.kind == crate::wal::EndKind::NoRecord {
                 scan_segment(start, &cur, cfg)
             } else {
                 s
@@ -208,7 +226,7 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
             }
             let r = FailoverReport {
                 state: "published".into(),
-                final_lsn: cut.summary.end_lsn.max(cut.segment.start_lsn(seg_size)),
+                final_lsn: cut.summary.end_lsn,
                 last_record_lsn: cut.summary.last_record,
                 segment: name,
                 old_timeline: cut.segment.tli,
@@ -340,5 +358,76 @@ impl FailoverReport {
             self.end_reason,
             self.seconds
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::SpoolMeta;
+    use crate::wal::synth::WalBuilder;
+    use crate::wal::SegmentSize;
+
+    /// A spool holding segment 1 complete and segment 2 as a partial that
+    /// ends `tail` bytes into a record.
+    fn spool_with(bytes: &[u8], received: u64, dir: &std::path::Path) -> Spool {
+        let seg = SegmentSize::new(1 << 20).unwrap();
+        let sp = Spool::create(dir).unwrap();
+        sp.write_meta(&SpoolMeta {
+            system_identifier: "7000000000000000001".into(),
+            segment_size: seg.bytes(),
+            pg_version: 150000,
+        })
+        .unwrap();
+        fs::write(sp.path("000000010000000000000001"), &bytes[..1 << 20]).unwrap();
+        let mut part = vec![0u8; 1 << 20];
+        let n = (received as usize) - (1 << 20);
+        part[..n].copy_from_slice(&bytes[1 << 20..received as usize]);
+        fs::write(sp.path("000000010000000000000002.partial"), &part).unwrap();
+        let f = sp.position_file().unwrap();
+        Spool::set_position(&f, TimelineId(1), Lsn((1 << 20) + received), true).unwrap();
+        sp
+    }
+
+    #[test]
+    fn the_cut_is_the_end_of_the_last_complete_record_across_segments() {
+        let seg = SegmentSize::new(1 << 20).unwrap();
+        let mut b = WalBuilder::new(Lsn(1 << 20), seg);
+        let lsns = b.fill((1 << 20) + 300_000, &[150, 20_000, 9000]);
+        let bytes = b.into_bytes();
+        // Received up to the middle of the last record.
+        let last = *lsns.last().unwrap();
+        let received = last.0 - (1 << 20) + 100;
+        let d = tempfile::tempdir().unwrap();
+        let sp = spool_with(&bytes, received, d.path());
+        let cut = find_cut(&sp).unwrap();
+        assert_eq!(
+            cut.summary.end_lsn, last,
+            "valid WAL ends where the cut record began"
+        );
+        assert_eq!(cut.keep, last.0 - (2 << 20));
+        assert!(cut.has_partial);
+    }
+
+    #[test]
+    fn a_bad_record_in_the_previous_segment_keeps_nothing_of_the_last() {
+        let seg = SegmentSize::new(1 << 20).unwrap();
+        let mut b = WalBuilder::new(Lsn(1 << 20), seg);
+        let lsns = b.fill((1 << 20) + 100_000, &[300]);
+        let mut bytes = b.into_bytes();
+        // Damage a record late in segment 1.
+        let victim = lsns
+            .iter()
+            .rev()
+            .find(|l| l.0 < (2 << 20) - 10_000)
+            .unwrap();
+        let off = (victim.0 - (1 << 20)) as usize + 40;
+        bytes[off] ^= 0x55;
+        let d = tempfile::tempdir().unwrap();
+        let sp = spool_with(&bytes, bytes.len() as u64, d.path());
+        let cut = find_cut(&sp).unwrap();
+        assert_eq!(cut.summary.end.kind, crate::wal::EndKind::BadCrc);
+        assert_eq!(cut.summary.end_lsn, *victim);
+        assert_eq!(cut.keep, 0);
     }
 }

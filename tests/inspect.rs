@@ -293,3 +293,18 @@ fn inspect_text_output_names_everything() {
         assert!(text.contains(k), "{k} in {text}");
     }
 }
+
+#[test]
+fn an_overwritten_contrecord_is_read_as_pg_waldump_reads_it() {
+    use waltail::wal::synth::WalBuilder;
+    let seg = SegmentSize::new(1 << 20).unwrap();
+    let mut b = WalBuilder::new(Lsn(1 << 20), seg);
+    b.fill(30_000, &[120, 700]);
+    b.abandon_and_overwrite(12_000);
+    b.fill(200_000, &[90, 5000]);
+    b.zero_to_segment_end();
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_variant(dir.path(), "000000010000000000000001", b.bytes());
+    let d = assert_agree(&p, "synthetic segment with an overwritten contrecord");
+    assert!(d.records > 50, "{d:?}");
+}

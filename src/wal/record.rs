@@ -23,14 +23,16 @@ pub const SIZE_OF_XLOG_RECORD: usize = 24;
 pub const XL_CRC_OFFSET: usize = 20;
 pub const RM_XLOG_ID: u8 = 0;
 pub const XLOG_SWITCH: u8 = 0x40;
+/// Written by crash recovery where a record was abandoned mid-way.
+pub const XLOG_OVERWRITE_CONTRECORD: u8 = 0xD0;
 pub const XLR_INFO_MASK: u8 = 0x0F;
 /// Last built-in resource manager (`RM_LOGICALMSG_ID`) in PostgreSQL 13-18.
 pub const RM_MAX_BUILTIN_ID: u8 = 21;
 /// First custom resource manager id (PostgreSQL 15+).
 pub const RM_MIN_CUSTOM_ID: u8 = 128;
-/// Upper bound on `xl_tot_len` (`XLogRecordMaxSize` is 1020 MB; allocation
-/// limit is 1 GB - 1): anything larger is garbage, not a record.
-pub const MAX_RECORD_LEN: u32 = 0x3FFF_FFFF;
+/// Upper bound on `xl_tot_len`: `XLogRecordMaxSize` (1020 MB). Anything
+/// larger is garbage, not a record.
+pub const MAX_RECORD_LEN: u32 = 1020 * 1024 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordHeader {

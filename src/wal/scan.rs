@@ -25,8 +25,11 @@
 use serde::Serialize;
 
 use super::lsn::{maxalign, Lsn, XLOG_BLCKSZ};
-use super::page::{PageChecker, PageError, PageHeader};
-use super::record::{RecordCrc, RecordHeader, MAX_RECORD_LEN, SIZE_OF_XLOG_RECORD};
+use super::page::{PageChecker, PageError, PageHeader, XLP_FIRST_IS_OVERWRITE_CONTRECORD};
+use super::record::{
+    RecordCrc, RecordHeader, MAX_RECORD_LEN, RM_XLOG_ID, SIZE_OF_XLOG_RECORD,
+    XLOG_OVERWRITE_CONTRECORD, XLR_INFO_MASK,
+};
 use super::segment::{SegmentSize, TimelineId};
 
 /// Contiguous WAL bytes starting at a page boundary.
@@ -203,6 +206,15 @@ pub struct Record {
     pub next: Lsn,
 }
 
+enum Step {
+    Record(Record),
+    /// The record at `abandoned` was overwritten from page `page` on.
+    Restart {
+        page: Lsn,
+        abandoned: Lsn,
+    },
+}
+
 /// Reads records one at a time (see the module header).
 pub struct Scanner<'a> {
     view: WalView<'a>,
@@ -255,7 +267,7 @@ impl<'a> Scanner<'a> {
             };
             let hsize = hdr.size() as u64;
             if hdr.is_contrecord() {
-                if u64::from(hdr.rem_len) >= XLOG_BLCKSZ - hsize {
+                if maxalign(u64::from(hdr.rem_len)) >= XLOG_BLCKSZ - hsize {
                     p = Lsn(p.0 + XLOG_BLCKSZ);
                     continue;
                 }
@@ -381,7 +393,54 @@ impl<'a> Scanner<'a> {
         r
     }
 
+    /// Reads the record at `self.next`; when a continuation page says the
+    /// record was abandoned and overwritten (`XLP_FIRST_IS_OVERWRITE_CONTRECORD`,
+    /// written by crash recovery), restarts at that page as PostgreSQL does
+    /// and requires an `XLOG_OVERWRITE_CONTRECORD` naming the abandoned record.
     fn read_record(&mut self) -> Result<Record, End> {
+        let start = self.next;
+        let mut aborted: Option<Lsn> = None;
+        loop {
+            match self.read_one() {
+                Ok(Step::Record(r)) => {
+                    if let Some(a) = aborted {
+                        let named = self
+                            .view
+                            .get(Lsn(r.lsn.0 + SIZE_OF_XLOG_RECORD as u64), 10)
+                            .and_then(|b| {
+                                (b[0] == 0xFF && b[1] >= 8).then(|| {
+                                    let mut l = [0u8; 8];
+                                    l.copy_from_slice(&b[2..10]);
+                                    Lsn(u64::from_le_bytes(l))
+                                })
+                            });
+                        if r.header.rmid != RM_XLOG_ID
+                            || r.header.info & !XLR_INFO_MASK != XLOG_OVERWRITE_CONTRECORD
+                            || named != Some(a)
+                        {
+                            self.next = start;
+                            return Err(end(
+                                EndKind::TornPage,
+                                r.lsn,
+                                format!("the record at {a} was abandoned, but {} is not the XLOG_OVERWRITE_CONTRECORD for it", r.lsn),
+                            ));
+                        }
+                    }
+                    return Ok(r);
+                }
+                Ok(Step::Restart { page, abandoned }) => {
+                    aborted = Some(abandoned);
+                    self.next = page;
+                }
+                Err(e) => {
+                    self.next = start;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn read_one(&mut self) -> Result<Step, End> {
         let mut rec = self.next;
         let page_lsn = rec.page_lsn();
         let hdr = self.page(page_lsn)?;
@@ -467,6 +526,12 @@ impl<'a> Scanner<'a> {
                     }
                     e
                 })?;
+                if ph.info & XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0 {
+                    return Ok(Step::Restart {
+                        page: p,
+                        abandoned: rec,
+                    });
+                }
                 if !ph.is_contrecord() {
                     return Err(end(
                         EndKind::TornPage,
@@ -524,11 +589,11 @@ impl<'a> Scanner<'a> {
         } else {
             next
         };
-        Ok(Record {
+        Ok(Step::Record(Record {
             lsn: rec,
             header,
             next,
-        })
+        }))
     }
 }
 
@@ -613,15 +678,21 @@ pub fn check_page_headers(
     let first_page = if from.page_offset() == 0 {
         from.0
     } else {
-        from.page_lsn().0 + XLOG_BLCKSZ
+        match from.page_lsn().0.checked_add(XLOG_BLCKSZ) {
+            Some(p) => p,
+            None => return Ok(()),
+        }
     };
-    let end = from.0 + bytes.len() as u64;
+    let end = from.0.saturating_add(bytes.len() as u64);
     let mut p = first_page;
     while p < end {
         let off = (p - from.0) as usize;
         let len = (bytes.len() - off).min(XLOG_BLCKSZ as usize);
         checker.check(&bytes[off..off + len], Lsn(p))?;
-        p += XLOG_BLCKSZ;
+        let Some(n) = p.checked_add(XLOG_BLCKSZ) else {
+            break;
+        };
+        p = n;
     }
     Ok(())
 }

@@ -43,13 +43,18 @@ impl WalBuilder {
     }
 
     fn page_header(&mut self, rem_len: u32) {
+        self.page_header_with(rem_len, 0)
+    }
+
+    fn page_header_with(&mut self, rem_len: u32, extra_info: u16) {
         let at = self.pos();
         let long = at.segment_offset(self.seg_size) == 0;
-        let mut info = if rem_len > 0 {
-            XLP_FIRST_IS_CONTRECORD
-        } else {
-            0
-        };
+        let mut info = extra_info
+            | if rem_len > 0 {
+                XLP_FIRST_IS_CONTRECORD
+            } else {
+                0
+            };
         if long {
             info |= XLP_LONG_HEADER;
         }
@@ -105,10 +110,55 @@ impl WalBuilder {
         lsn
     }
 
-    /// A logical message record (rmgr 21) with `len` bytes of payload.
+    /// What a crash leaves and crash recovery then writes: a record of `len`
+    /// bytes begun on this page and abandoned at its end, then on the next
+    /// page (flagged `XLP_FIRST_IS_OVERWRITE_CONTRECORD`) an
+    /// `XLOG_OVERWRITE_CONTRECORD` naming it. Returns (abandoned, overwrite).
+    pub fn abandon_and_overwrite(&mut self, len: usize) -> (Lsn, Lsn) {
+        if self.pos().page_offset() == 0 {
+            self.page_header(0);
+        }
+        let abandoned = self.pos();
+        let space = (XLOG_BLCKSZ - abandoned.page_offset()) as usize;
+        assert!(
+            len + SIZE_OF_XLOG_RECORD > space,
+            "the record must cross the page"
+        );
+        let mut h = RecordHeader {
+            tot_len: (SIZE_OF_XLOG_RECORD + len) as u32,
+            xid: 1000,
+            prev: self.prev,
+            info: 0,
+            rmid: 21,
+            crc: 0,
+        };
+        let mut rec = h.encode().to_vec();
+        rec.extend((0..len).map(|i| (i % 251) as u8));
+        h.crc = record_crc(&rec);
+        rec[..SIZE_OF_XLOG_RECORD].copy_from_slice(&h.encode());
+        self.buf.extend_from_slice(&rec[..space]);
+        self.page_header_with(0, super::page::XLP_FIRST_IS_OVERWRITE_CONTRECORD);
+        let mut payload = vec![0xFF, 16];
+        payload.extend_from_slice(&abandoned.0.to_le_bytes());
+        payload.extend_from_slice(&0i64.to_le_bytes());
+        let ow = self.record(0, super::record::XLOG_OVERWRITE_CONTRECORD, &payload);
+        (abandoned, ow)
+    }
+
+    /// An `XLOG_NOOP` record whose body is `len` bytes (at least 2): a main
+    /// data block in the encoding `DecodeXLogRecord` expects, so pg_waldump
+    /// reads these records as it reads real ones.
     pub fn message(&mut self, len: usize) -> Lsn {
-        let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-        self.record(21, 0, &payload)
+        let len = len.max(2);
+        let mut body = Vec::with_capacity(len);
+        if len - 2 <= 255 {
+            body.extend_from_slice(&[0xFF, (len - 2) as u8]);
+        } else {
+            body.push(0xFE);
+            body.extend_from_slice(&((len - 5) as u32).to_le_bytes());
+        }
+        body.extend((0..len - body.len()).map(|i| (i * 31 % 251) as u8));
+        self.record(0, 0x20, &body)
     }
 
     /// An `XLOG_SWITCH`, then the zero padding to the segment's end.
@@ -177,9 +227,9 @@ mod tests {
     fn record_header_split_across_pages() {
         let mut b = WalBuilder::new(Lsn(0), s1());
         // Bring a record start to 8 bytes before a page end.
-        b.message(8192 - 40 - 24 - 8 - 24);
-        assert_eq!(b.pos().page_offset(), 8192 - 8 - 24);
-        b.message(0);
+        b.message(8088);
+        assert_eq!(b.pos().page_offset(), 8192 - 8 - 32);
+        b.message(2);
         assert_eq!(b.pos().page_offset(), 8192 - 8);
         let split = b.message(100);
         b.message(10);
@@ -187,6 +237,35 @@ mod tests {
         let s = scan_segment(Lsn(0), b.bytes(), ScanConfig::new(s1()));
         assert_eq!(s.records, 4);
         assert!(s.last_record > Some(split));
+    }
+
+    #[test]
+    fn an_abandoned_record_overwritten_by_crash_recovery_is_skipped() {
+        let mut b = WalBuilder::new(Lsn(0), s1());
+        b.fill(20_000, &[100, 300]);
+        let (abandoned, ow) = b.abandon_and_overwrite(9000);
+        let after = b.fill(60_000, &[200]);
+        b.zero_to_segment_end();
+        let good = b.into_bytes();
+        let s = scan_segment(Lsn(0), &good, ScanConfig::new(s1()));
+        assert_eq!(s.last_record, after.last().copied(), "{:?}", s.end);
+        assert!(s.records > after.len() as u64);
+        // An overwrite record that names another record is not accepted.
+        let mut bad = good.clone();
+        let at = ow.0 as usize + 26;
+        bad[at] ^= 0x08;
+        // Re-sign the record so only the named LSN is wrong.
+        let tot = 24 + 18;
+        let mut r = bad[ow.0 as usize..ow.0 as usize + tot].to_vec();
+        let crc = crate::wal::record::record_crc(&r);
+        r[20..24].copy_from_slice(&crc.to_le_bytes());
+        bad[ow.0 as usize..ow.0 as usize + tot].copy_from_slice(&r);
+        let s = scan_segment(Lsn(0), &bad, ScanConfig::new(s1()));
+        assert_eq!(s.end.kind, EndKind::TornPage);
+        assert_eq!(
+            s.end_lsn, abandoned,
+            "valid WAL ends where the abandoned record began"
+        );
     }
 
     #[test]
