@@ -436,6 +436,7 @@ fn run(cli: Cli) -> u8 {
             style,
             retry_interval,
         } => match runtime().0.block_on(crate::standby::init_standby(
+            &std::env::current_exe().unwrap_or_else(|_| "waltail".into()),
             &primary,
             &pgdata,
             &spool,

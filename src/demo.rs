@@ -157,6 +157,7 @@ async fn run_inner(opts: &DemoOptions) -> Result<DemoResult> {
     ));
     let pgdata = path("standby");
     crate::standby::init_standby(
+        &exe,
         &primary.conninfo(),
         &pgdata,
         &spool,

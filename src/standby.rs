@@ -136,6 +136,7 @@ pub fn configure(
 /// backup's last segment completes at once and the standby becomes
 /// consistent (and, with hot_standby, readable) without waiting for traffic.
 pub async fn init_standby(
+    exe: &Path,
     primary: &str,
     pgdata: &Path,
     spool: &Path,
@@ -175,9 +176,8 @@ pub async fn init_standby(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let exe = std::env::current_exe().context("finding the waltail executable")?;
     let spool = std::path::absolute(spool)?;
-    configure(pgdata, &exe, &spool, style, retry, owner, bin.major)?;
+    configure(pgdata, exe, &spool, style, retry, owner, bin.major)?;
     if style == Style::Recovery {
         let c = crate::pg::client::connect(primary).await?;
         c.query_one("SELECT pg_switch_wal()::text", &[])

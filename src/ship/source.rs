@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use memmap2::Mmap;
 
 use crate::fsio::map_readonly;
-use crate::wal::page::SIZE_OF_LONG_PHD;
+use crate::wal::page::{SIZE_OF_LONG_PHD, SIZE_OF_SHORT_PHD};
 use crate::wal::scan::check_page_headers;
 use crate::wal::{Lsn, PageChecker, PageError, SegmentName, SegmentSize, TimelineId};
 
@@ -111,7 +111,14 @@ impl WalSource {
         let seg = SegmentName::of_lsn(tli, from, seg_size);
         let seg_start = seg.start_lsn(seg_size);
         let mut to = to.min(seg.end_lsn(seg_size));
-        if to.page_offset() != 0 && to.page_offset() < SIZE_OF_LONG_PHD as u64 {
+        // Flushed WAL never ends inside a page header; if `to` would, it is
+        // not flushed yet. Only the segment's first page has the long header.
+        let header = if to.page_lsn() == seg.start_lsn(seg_size) {
+            SIZE_OF_LONG_PHD
+        } else {
+            SIZE_OF_SHORT_PHD
+        } as u64;
+        if to.page_offset() != 0 && to.page_offset() < header {
             to = to.page_lsn();
         }
         if to <= from {
