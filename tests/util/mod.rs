@@ -229,6 +229,23 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (bounded) until the log contains all of `needles`.
+    pub fn wait_log(&self, needles: &[&str], secs: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let log = self.log_text();
+            if needles.iter().all(|n| log.contains(n)) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} log lacks {needles:?}:\n{log}",
+                self.name
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
