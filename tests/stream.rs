@@ -232,6 +232,20 @@ fn a_second_cluster_aimed_at_the_same_spool_is_refused() {
     a.psql("create table t(i int)").unwrap();
     wait_durable(&spool, flush_lsn(&a), 30, &[&rx, &ta]);
     ta.terminate();
+    // The receiver is done with the first shipper once it is back to waiting.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while waltail::spool::Spool::open(&spool)
+        .unwrap()
+        .status()
+        .map(|s| s.state)
+        != Some("waiting".into())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receiver still streaming"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let before = spool_position(&spool);
     let listing = |p: &std::path::Path| {
         let mut v: Vec<_> = std::fs::read_dir(p)
