@@ -6,6 +6,7 @@
 //! * [`pg`]: running and talking to PostgreSQL servers;
 //! * [`cli`]: command-line parsing and exit codes.
 
+pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod failover;

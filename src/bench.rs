@@ -1,0 +1,583 @@
+//! `waltail bench`: waltail against the other ways of getting WAL to a
+//! standby host, measured the same way, on the same machine, in one run.
+//!
+//! Methods: waltail at `--interval` 1 ms and 10 ms; PostgreSQL's streaming
+//! replication; `pg_receivewal --synchronous` with a slot; `archive_command`
+//! with `archive_timeout` 1 s and 60 s. Each gets a fresh primary with the
+//! same settings.
+//!
+//! **Commit-to-durable latency**, measured identically for every method:
+//! a probe client commits a single-row INSERT every 100 ms; when COMMIT
+//! returns it reads `pg_current_wal_flush_lsn()` (at or past the end of its
+//! commit record) and notes the time. A poller asks the method, every
+//! millisecond, how far WAL is durable on the standby side, and records for
+//! each probe commit when that position first reaches its LSN:
+//!
+//! | method | "durable on the standby side" is read from |
+//! |---|---|
+//! | waltail | the spool's position file (advanced after fdatasync) |
+//! | streaming | `pg_last_wal_receive_lsn()` on the standby (flushed by the walreceiver) |
+//! | pg_receivewal | `flush_lsn` in `pg_stat_replication` (reported after its fsync) |
+//! | archive_command | the end of the last segment in the archive directory (cp, no fsync) |
+//!
+//! Workloads: probe commits alone (idle), and probe commits while
+//! `pgbench -c 4` runs. A bulk load (INSERT ... SELECT of 1.5 GB of rows)
+//! measures the shipping rate, and the CPU time and peak RSS of the
+//! shipping processes (waltail ship and receive, pg_receivewal) per GB.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::pg::client::connect;
+use crate::pg::cluster::{free_port, RunAs};
+use crate::pg::{Cluster, ClusterOptions};
+use crate::spool::Spool;
+use crate::wal::{Lsn, SegmentSize, WalFileName};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum Method {
+    Waltail { interval_ms: u64 },
+    Streaming,
+    Receivewal,
+    Archive { timeout_s: u32 },
+}
+
+impl Method {
+    pub fn label(&self) -> String {
+        match self {
+            Method::Waltail { interval_ms } => format!("waltail --interval {interval_ms}ms"),
+            Method::Streaming => "streaming replication".into(),
+            Method::Receivewal => "pg_receivewal --synchronous".into(),
+            Method::Archive { timeout_s } => {
+                format!("archive_command, archive_timeout {timeout_s}s")
+            }
+        }
+    }
+
+    pub fn all() -> Vec<Method> {
+        vec![
+            Method::Waltail { interval_ms: 1 },
+            Method::Waltail { interval_ms: 10 },
+            Method::Streaming,
+            Method::Receivewal,
+            Method::Archive { timeout_s: 1 },
+            Method::Archive { timeout_s: 60 },
+        ]
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Every sample, for CDFs.
+    pub all_ms: Vec<f64>,
+}
+
+impl Latency {
+    fn from(mut v: Vec<f64>) -> Option<Latency> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        Some(Latency {
+            samples: v.len(),
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+            max_ms: q(1.0),
+            all_ms: v,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Cost {
+    pub process: String,
+    pub cpu_s_per_gb: f64,
+    pub peak_rss_mb: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MethodResult {
+    pub method: Method,
+    pub label: String,
+    pub idle: Option<Latency>,
+    pub pgbench: Option<Latency>,
+    /// MB/s of WAL made durable during the bulk load.
+    pub bulk_mb_s: Option<f64>,
+    pub bulk_wal_mb: Option<f64>,
+    pub cost: Vec<Cost>,
+}
+
+/// One method's running set-up: the primary and whatever receives its WAL.
+struct Rig {
+    method: Method,
+    primary: Cluster,
+    standby: Option<Cluster>,
+    children: Vec<(String, Child)>,
+    work: tempfile::TempDir,
+    archive_seg: SegmentSize,
+    probe: Option<Client>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(exe: &Path, args: &[String], log: &Path, run_as: Option<RunAs>) -> Result<Child> {
+    let f = std::fs::File::create(log)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(f);
+    if let Some(r) = run_as {
+        r.chown(log)?;
+        r.apply(&mut cmd);
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {}", exe.display()))
+}
+
+async fn rig(method: Method, exe: &Path) -> Result<Rig> {
+    let run_as = RunAs::for_servers()?;
+    let work = tempfile::Builder::new()
+        .prefix("waltail-bench-")
+        .tempdir()?;
+    if let Some(r) = run_as {
+        r.chown(work.path())?;
+    }
+    let mut opts = ClusterOptions::default();
+    if let Method::Archive { timeout_s } = method {
+        opts.archive = true;
+        opts.archive_timeout = timeout_s;
+    }
+    let mut primary = Cluster::init("bench-primary", &opts)?;
+    primary.start()?;
+    let mut r = Rig {
+        method,
+        standby: None,
+        children: Vec::new(),
+        archive_seg: SegmentSize::DEFAULT,
+        probe: None,
+        primary,
+        work,
+    };
+    let p = |n: &str| r.work.path().join(n);
+    match method {
+        Method::Waltail { interval_ms } => {
+            let secret = p("secret");
+            std::fs::write(&secret, "bench-secret-0123456789abcdef")?;
+            if let Some(ra) = run_as {
+                ra.chown(&secret)?;
+            }
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+            let rx = spawn(
+                exe,
+                &s(&[
+                    "receive",
+                    "--listen",
+                    &addr,
+                    "--spool",
+                    p("spool").to_str().unwrap_or(""),
+                    "--secret-file",
+                    secret.to_str().unwrap_or(""),
+                ]),
+                &p("receive.log"),
+                run_as,
+            )?;
+            r.children.push(("waltail receive".into(), rx));
+            wait_until(Duration::from_secs(20), || {
+                std::net::TcpStream::connect(&addr).is_ok()
+            })?;
+            let iv = format!("{interval_ms}ms");
+            let tx = spawn(
+                exe,
+                &s(&[
+                    "ship",
+                    "--primary",
+                    &r.primary.conninfo(),
+                    "--receiver",
+                    &addr,
+                    "--secret-file",
+                    secret.to_str().unwrap_or(""),
+                    "--interval",
+                    &iv,
+                ]),
+                &p("ship.log"),
+                run_as,
+            )?;
+            r.children.push(("waltail ship".into(), tx));
+            let pos = p("spool").join("position");
+            wait_until(Duration::from_secs(20), || pos.exists())?;
+        }
+        Method::Streaming => {
+            let mut s =
+                Cluster::from_base_backup(&r.primary, "bench-standby", &ClusterOptions::default())?;
+            s.append_conf(&format!("primary_conninfo = '{}'\n", r.primary.conninfo()))?;
+            s.touch("standby.signal")?;
+            s.start()?;
+            r.probe = Some(connect(&s.conninfo()).await?);
+            r.standby = Some(s);
+        }
+        Method::Receivewal => {
+            let dir = p("receivewal");
+            std::fs::create_dir_all(&dir)?;
+            if let Some(ra) = run_as {
+                ra.chown(&dir)?;
+            }
+            r.primary
+                .psql("select pg_create_physical_replication_slot('bench', true)")?;
+            let mut cmd = r.primary.command(&r.primary.bin.tool("pg_receivewal"));
+            cmd.arg("-D")
+                .arg(&dir)
+                .args([
+                    "--slot",
+                    "bench",
+                    "--synchronous",
+                    "--no-loop",
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                ])
+                .args(["-p", &r.primary.port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            r.children.push(("pg_receivewal".into(), cmd.spawn()?));
+            r.probe = Some(connect(&r.primary.conninfo()).await?);
+            let c = r.probe.as_ref().expect("set above");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.query_opt("SELECT 1 FROM pg_stat_replication WHERE application_name = 'pg_receivewal' AND flush_lsn IS NOT NULL", &[]).await?.is_none() {
+                if Instant::now() > deadline {
+                    bail!("pg_receivewal did not connect");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Method::Archive { .. } => {}
+    }
+    Ok(r)
+}
+
+fn wait_until(d: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + d;
+    while !f() {
+        if Instant::now() > deadline {
+            bail!("timed out after {d:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+impl Rig {
+    /// How far WAL is durable on the standby side (see the module header).
+    async fn durable(&self) -> Result<Lsn> {
+        Ok(match self.method {
+            Method::Waltail { .. } => Spool::open(&self.work.path().join("spool"))?
+                .position()?
+                .map(|p| p.1)
+                .unwrap_or_default(),
+            Method::Streaming => {
+                let c = self.probe.as_ref().context("no probe")?;
+                let s: Option<String> = c
+                    .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
+                    .await?
+                    .get(0);
+                s.and_then(|s| s.parse().ok()).unwrap_or_default()
+            }
+            Method::Receivewal => {
+                let c = self.probe.as_ref().context("no probe")?;
+                let row = c
+                    .query_opt("SELECT flush_lsn::text FROM pg_stat_replication WHERE application_name = 'pg_receivewal'", &[])
+                    .await?;
+                row.and_then(|r| r.get::<_, Option<String>>(0))
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_default()
+            }
+            Method::Archive { .. } => {
+                let dir = self.primary.archive.clone().context("no archive")?;
+                let mut best = Lsn(0);
+                for e in std::fs::read_dir(dir)?.flatten() {
+                    if let Ok(WalFileName::Segment(s)) =
+                        WalFileName::parse(&e.file_name().to_string_lossy(), self.archive_seg)
+                    {
+                        best = best.max(s.end_lsn(self.archive_seg));
+                    }
+                }
+                best
+            }
+        })
+    }
+
+    fn pids(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .map(|(n, c)| (n.clone(), c.id()))
+            .collect()
+    }
+}
+
+/// Probe commits every 100 ms for `dur` (plus `settle` to let the slowest
+/// method catch up); returns commit-to-durable latencies in ms.
+async fn probe_latency(r: &Rig, dur: Duration, settle: Duration, base: i64) -> Result<Vec<f64>> {
+    let conninfo = r.primary.conninfo();
+    crate::load::create_table(&conninfo, "probe").await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Lsn, Instant)>();
+    let committer = tokio::spawn(async move {
+        let c = connect(&conninfo).await?;
+        let ins = c.prepare("INSERT INTO probe (id) VALUES ($1)").await?;
+        let t0 = Instant::now();
+        let mut id = 0i64;
+        while t0.elapsed() < dur {
+            id += 1;
+            c.execute(&ins, &[&(id + base)]).await?;
+            let at = Instant::now();
+            let l: String = c
+                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                .await?
+                .get(0);
+            let _ = tx.send((l.parse()?, at));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(())
+    });
+    let mut pending: Vec<(Lsn, Instant)> = Vec::new();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + dur + settle;
+    loop {
+        while let Ok(x) = rx.try_recv() {
+            pending.push(x);
+        }
+        let pos = r.durable().await.unwrap_or_default();
+        let now = Instant::now();
+        pending.retain(|(l, at)| {
+            if *l <= pos {
+                out.push(now.duration_since(*at).as_secs_f64() * 1000.0);
+                false
+            } else {
+                true
+            }
+        });
+        if (committer.is_finished() && pending.is_empty() && rx.is_empty()) || now > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    committer.await??;
+    Ok(out)
+}
+
+fn proc_cpu_s(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+fn proc_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn pgbench(r: &Rig, args: &[&str]) -> Result<Child> {
+    Ok(Command::new(r.primary.bin.tool("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &r.primary.port.to_string(),
+        ])
+        .args(args)
+        .arg("postgres")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub out: PathBuf,
+    pub methods: Vec<Method>,
+    /// Seconds of probe commits per workload.
+    pub seconds: u64,
+    /// Rows in the bulk load (about 250 bytes of WAL each).
+    pub bulk_rows: i64,
+}
+
+async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodResult> {
+    let r = rig(m, exe).await?;
+    let settle = match m {
+        Method::Archive { timeout_s } => Duration::from_secs(u64::from(timeout_s) + 5),
+        _ => Duration::from_secs(5),
+    };
+    let dur = Duration::from_secs(o.seconds);
+    eprintln!("  {}: idle probe commits", m.label());
+    let idle = Latency::from(probe_latency(&r, dur, settle, 0).await?);
+    eprintln!("  {}: probe commits under pgbench -c 4", m.label());
+    let init = pgbench(&r, &["-i", "-s", "5", "-q"])?.wait()?;
+    if !init.success() {
+        bail!("pgbench -i failed");
+    }
+    let mut load = pgbench(&r, &["-c", "4", "-T", &o.seconds.to_string(), "-n"])?;
+    let under = Latency::from(probe_latency(&r, dur, settle, 1_000_000_000).await?);
+    let _ = load.wait();
+    // Bulk: how fast WAL becomes durable on the standby side.
+    let (mut bulk_mb_s, mut bulk_wal_mb, mut cost) = (None, None, Vec::new());
+    if !matches!(m, Method::Archive { .. }) {
+        eprintln!("  {}: bulk load", m.label());
+        let c = connect(&r.primary.conninfo()).await?;
+        let start: Lsn = c
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await?
+            .get::<_, String>(0)
+            .parse()?;
+        let pids = r.pids();
+        let cpu0: Vec<f64> = pids.iter().map(|(_, p)| proc_cpu_s(*p)).collect();
+        let mut peak = vec![0f64; pids.len()];
+        let t0 = Instant::now();
+        let bulk = {
+            let ci = r.primary.conninfo();
+            let rows = o.bulk_rows;
+            tokio::spawn(async move {
+                let c = connect(&ci).await?;
+                c.batch_execute(&format!(
+                    "CREATE TABLE bulk AS SELECT g AS id, repeat('b', 200) AS pad FROM generate_series(1, {rows}) g"
+                ))
+                .await?;
+                let l: String = c
+                    .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                    .await?
+                    .get(0);
+                anyhow::Ok(l.parse::<Lsn>()?)
+            })
+        };
+        let mut end: Option<Lsn> = None;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            for (i, (_, p)) in pids.iter().enumerate() {
+                peak[i] = peak[i].max(proc_rss_mb(*p));
+            }
+            if end.is_none() && bulk.is_finished() {
+                end = Some(bulk.await??);
+                // `bulk` is consumed; the loop only waits for durability now.
+                let pos = r.durable().await?;
+                if pos >= end.unwrap_or_default() {
+                    break;
+                }
+                loop {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    for (i, (_, p)) in pids.iter().enumerate() {
+                        peak[i] = peak[i].max(proc_rss_mb(*p));
+                    }
+                    if r.durable().await? >= end.unwrap_or_default() || Instant::now() > deadline {
+                        break;
+                    }
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("bulk load did not finish");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let wal = end.unwrap_or(start).bytes_since(start).unwrap_or(0) as f64;
+        let gb = wal / f64::from(1u32 << 30);
+        bulk_mb_s = Some(wal / f64::from(1u32 << 20) / secs);
+        bulk_wal_mb = Some(wal / f64::from(1u32 << 20));
+        for (i, (name, p)) in pids.iter().enumerate() {
+            cost.push(Cost {
+                process: name.clone(),
+                cpu_s_per_gb: (proc_cpu_s(*p) - cpu0[i]) / gb.max(1e-9),
+                peak_rss_mb: peak[i],
+            });
+        }
+    }
+    Ok(MethodResult {
+        method: m,
+        label: m.label(),
+        idle,
+        pgbench: under,
+        bulk_mb_s,
+        bulk_wal_mb,
+        cost,
+    })
+}
+
+pub async fn run(o: &BenchOptions) -> Result<Vec<MethodResult>> {
+    let exe = std::env::current_exe()?;
+    let mut out = Vec::new();
+    for m in &o.methods {
+        eprintln!("method: {}", m.label());
+        out.push(run_method(*m, &exe, o).await.with_context(|| m.label())?);
+    }
+    std::fs::create_dir_all(&o.out)?;
+    std::fs::write(o.out.join("bench.json"), serde_json::to_vec_pretty(&out)?)?;
+    std::fs::write(o.out.join("bench.md"), table(&out))?;
+    Ok(out)
+}
+
+pub fn table(rs: &[MethodResult]) -> String {
+    let lat = |l: &Option<Latency>| match l {
+        Some(l) => format!("{:.1} / {:.1} / {:.1}", l.p50_ms, l.p99_ms, l.max_ms),
+        None => "-".into(),
+    };
+    let mut s = String::from(
+        "| method | commit-to-durable idle, ms (p50 / p99 / max) | under pgbench -c 4, ms (p50 / p99 / max) | bulk: WAL durable MB/s | CPU s per GB, peak RSS |\n|---|---|---|---|---|\n",
+    );
+    for r in rs {
+        let cost = r
+            .cost
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}: {:.1} s/GB, {:.0} MB",
+                    c.process, c.cpu_s_per_gb, c.peak_rss_mb
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.label,
+            lat(&r.idle),
+            lat(&r.pgbench),
+            r.bulk_mb_s
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            if cost.is_empty() { "-".into() } else { cost }
+        ));
+    }
+    s
+}
