@@ -12,27 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use waltail::pg::cluster::{free_port, RunAs};
+use waltail::pg::process::{cpu_seconds, rss_mb};
 use waltail::pg::{Cluster, ClusterOptions};
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn cpu_secs(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = s.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
 
 fn main() {
     let seg_mb: u32 = std::env::var("WALTAIL_BENCH_SEGSIZE_MB")
@@ -117,19 +98,22 @@ fn main() {
     let (mut max_tx, mut max_rx) = (0, 0);
     let t0 = Instant::now();
     while load.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(60) {
-        max_tx = max_tx.max(rss_kb(tx.id()));
-        max_rx = max_rx.max(rss_kb(rx.id()));
+        max_tx = max_tx.max((rss_mb(tx.id()) * 1024.0) as u64);
+        max_rx = max_rx.max((rss_mb(rx.id()) * 1024.0) as u64);
         std::thread::sleep(Duration::from_millis(100));
     }
     let wal: String = c
         .psql("select pg_size_pretty(pg_current_wal_flush_lsn() - '0/0')")
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let (tx0, rx0) = (cpu_secs(tx.id()), cpu_secs(rx.id()));
+    let (tx0, rx0) = (cpu_seconds(tx.id()), cpu_seconds(rx.id()));
     let idle = Duration::from_secs(20);
     std::thread::sleep(idle);
-    let (tx1, rx1) = (cpu_secs(tx.id()), cpu_secs(rx.id()));
-    let (end_tx, end_rx) = (rss_kb(tx.id()), rss_kb(rx.id()));
+    let (tx1, rx1) = (cpu_seconds(tx.id()), cpu_seconds(rx.id()));
+    let (end_tx, end_rx) = (
+        (rss_mb(tx.id()) * 1024.0) as u64,
+        (rss_mb(rx.id()) * 1024.0) as u64,
+    );
     println!("segment size {seg_mb} MB, pgbench -c 4 -T 20 (WAL written in total: {wal})");
     println!(
         "peak RSS under load: ship {:.1} MB, receive {:.1} MB",

@@ -35,6 +35,7 @@ use tokio_postgres::Client;
 
 use crate::pg::client::connect;
 use crate::pg::cluster::{free_port, RunAs};
+use crate::pg::process::{cpu_seconds, rss_mb, spawn_logged, wait_until};
 use crate::pg::{Cluster, ClusterOptions};
 use crate::spool::Spool;
 use crate::wal::{Lsn, SegmentSize, WalFileName};
@@ -138,21 +139,6 @@ impl Drop for Rig {
     }
 }
 
-fn spawn(exe: &Path, args: &[String], log: &Path, run_as: Option<RunAs>) -> Result<Child> {
-    let f = std::fs::File::create(log)?;
-    let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(f);
-    if let Some(r) = run_as {
-        r.chown(log)?;
-        r.apply(&mut cmd);
-    }
-    cmd.spawn()
-        .with_context(|| format!("starting {}", exe.display()))
-}
-
 async fn rig(method: Method, exe: &Path) -> Result<Rig> {
     let run_as = RunAs::for_servers()?;
     let work = tempfile::Builder::new()
@@ -187,7 +173,7 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
             }
             let addr = format!("127.0.0.1:{}", free_port()?);
             let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-            let rx = spawn(
+            let rx = spawn_logged(
                 exe,
                 &s(&[
                     "receive",
@@ -206,7 +192,7 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
                 std::net::TcpStream::connect(&addr).is_ok()
             })?;
             let iv = format!("{interval_ms}ms");
-            let tx = spawn(
+            let tx = spawn_logged(
                 exe,
                 &s(&[
                     "ship",
@@ -273,17 +259,6 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
         Method::Archive { .. } => {}
     }
     Ok(r)
-}
-
-fn wait_until(d: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + d;
-    while !f() {
-        if Instant::now() > deadline {
-            bail!("timed out after {d:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 impl Rig {
@@ -384,30 +359,6 @@ async fn probe_latency(r: &Rig, dur: Duration, settle: Duration, base: i64) -> R
     Ok(out)
 }
 
-fn proc_cpu_s(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = s
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
-}
-
-fn proc_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 fn pgbench(r: &Rig, args: &[&str]) -> Result<Child> {
     Ok(Command::new(r.primary.bin.tool("pgbench"))
         .args([
@@ -438,17 +389,18 @@ pub struct BenchOptions {
 async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodResult> {
     let r = rig(m, exe).await?;
     let settle = match m {
-        Method::Archive { timeout_s } => Duration::from_secs(u64::from(timeout_s) + 5),
+        Method::Archive { timeout_s } => Duration::from_secs(2 * u64::from(timeout_s) + 20),
         _ => Duration::from_secs(5),
     };
     let dur = Duration::from_secs(o.seconds);
-    eprintln!("  {}: idle probe commits", m.label());
-    let idle = Latency::from(probe_latency(&r, dur, settle, 0).await?);
-    eprintln!("  {}: probe commits under pgbench -c 4", m.label());
+    // pgbench's tables first: every method starts the measurements warm.
     let init = pgbench(&r, &["-i", "-s", "5", "-q"])?.wait()?;
     if !init.success() {
         bail!("pgbench -i failed");
     }
+    eprintln!("  {}: idle probe commits", m.label());
+    let idle = Latency::from(probe_latency(&r, dur, settle, 0).await?);
+    eprintln!("  {}: probe commits under pgbench -c 4", m.label());
     let mut load = pgbench(&r, &["-c", "4", "-T", &o.seconds.to_string(), "-n"])?;
     let under = Latency::from(probe_latency(&r, dur, settle, 1_000_000_000).await?);
     let _ = load.wait();
@@ -463,7 +415,7 @@ async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodRes
             .get::<_, String>(0)
             .parse()?;
         let pids = r.pids();
-        let cpu0: Vec<f64> = pids.iter().map(|(_, p)| proc_cpu_s(*p)).collect();
+        let cpu0: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
         let mut peak = vec![0f64; pids.len()];
         let t0 = Instant::now();
         let bulk = {
@@ -486,7 +438,7 @@ async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodRes
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             for (i, (_, p)) in pids.iter().enumerate() {
-                peak[i] = peak[i].max(proc_rss_mb(*p));
+                peak[i] = peak[i].max(rss_mb(*p));
             }
             if end.is_none() && bulk.is_finished() {
                 end = Some(bulk.await??);
@@ -498,7 +450,7 @@ async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodRes
                 loop {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     for (i, (_, p)) in pids.iter().enumerate() {
-                        peak[i] = peak[i].max(proc_rss_mb(*p));
+                        peak[i] = peak[i].max(rss_mb(*p));
                     }
                     if r.durable().await? >= end.unwrap_or_default() || Instant::now() > deadline {
                         break;
@@ -519,7 +471,7 @@ async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodRes
         for (i, (name, p)) in pids.iter().enumerate() {
             cost.push(Cost {
                 process: name.clone(),
-                cpu_s_per_gb: (proc_cpu_s(*p) - cpu0[i]) / gb.max(1e-9),
+                cpu_s_per_gb: (cpu_seconds(*p) - cpu0[i]) / gb.max(1e-9),
                 peak_rss_mb: peak[i],
             });
         }

@@ -8,7 +8,7 @@
 //! end, also after Ctrl-C.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::failover::{FailoverConfig, FailoverReport};
 use crate::load;
 use crate::pg::cluster::{free_port, RunAs};
+use crate::pg::process::{spawn_logged, wait_until};
 use crate::pg::{Cluster, ClusterOptions};
 use crate::standby::Style;
 use crate::wal::{scan_segment, Lsn, ScanConfig, SegmentName, SegmentSize};
@@ -40,21 +41,7 @@ impl Drop for Daemon {
 }
 
 fn spawn(exe: &Path, args: &[String], log: &Path, run_as: Option<RunAs>) -> Result<Daemon> {
-    let f = std::fs::File::create(log)?;
-    let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(f.try_clone()?)
-        .stderr(f)
-        .env("WALTAIL_LOG", "info");
-    if let Some(r) = run_as {
-        r.chown(log)?;
-        r.apply(&mut cmd);
-    }
-    Ok(Daemon(
-        cmd.spawn()
-            .with_context(|| format!("starting {}", exe.display()))?,
-    ))
+    Ok(Daemon(spawn_logged(exe, args, log, run_as)?))
 }
 
 /// The results the demo prints.
@@ -121,7 +108,7 @@ async fn run_inner(opts: &DemoOptions) -> Result<DemoResult> {
         &path("receive.log"),
         run_as,
     )?;
-    wait_for(Duration::from_secs(20), || {
+    wait_until(Duration::from_secs(20), || {
         std::net::TcpStream::connect(&addr).is_ok()
     })
     .context("waltail receive did not start")?;
@@ -148,7 +135,7 @@ async fn run_inner(opts: &DemoOptions) -> Result<DemoResult> {
         spool.display()
     ));
     load::create_table(&primary.conninfo(), "demo").await?;
-    wait_for(Duration::from_secs(20), || spool.join("position").exists())
+    wait_until(Duration::from_secs(20), || spool.join("position").exists())
         .context("nothing reached the spool")?;
 
     say(format!(
@@ -280,17 +267,6 @@ fn wal_end_on_disk(pg_wal: &Path, from: Lsn, _bin: crate::pg::PgBin) -> Lsn {
         seg = SegmentName::new(tli, seg.segno.next());
     }
     end
-}
-
-fn wait_for(d: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + d;
-    while !f() {
-        if Instant::now() > deadline {
-            bail!("timed out after {d:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 impl DemoResult {

@@ -7,6 +7,7 @@
 pub mod bin;
 pub mod client;
 pub mod cluster;
+pub mod process;
 
 pub use bin::PgBin;
 pub use cluster::{Cluster, ClusterOptions};
