@@ -77,17 +77,7 @@ fn main() {
         "10ms",
     ]));
     let pgbench = |args: &[&str]| {
-        Command::new(c.bin.tool("pgbench"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-p",
-                &c.port.to_string(),
-            ])
-            .args(args)
-            .arg("postgres")
+        c.pgbench(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

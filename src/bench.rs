@@ -26,7 +26,7 @@
 //! shipping processes (waltail ship and receive, pg_receivewal) per GB.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -360,17 +360,8 @@ async fn probe_latency(r: &Rig, dur: Duration, settle: Duration, base: i64) -> R
 }
 
 fn pgbench(r: &Rig, args: &[&str]) -> Result<Child> {
-    Ok(Command::new(r.primary.bin.tool("pgbench"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-            &r.primary.port.to_string(),
-        ])
-        .args(args)
-        .arg("postgres")
+    Ok(r.primary
+        .pgbench(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?)

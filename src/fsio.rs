@@ -56,6 +56,14 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// Writes `data` to `path` crash-safely (temp file, fsync, rename, fsync dir),
 /// with mode 0600.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    replace_file(path, data, true)
+}
+
+/// Replaces `path` with `data` through a temp file and a rename, mode 0600:
+/// readers see the old or the new file whole. With `durable`, the file and
+/// the directory are fsynced too; without, it is advisory state that may
+/// be lost in a crash.
+pub fn replace_file(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
@@ -69,10 +77,15 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         drop(f);
         fs::rename(&tmp, path)?;
-        fsync_dir(dir)
+        if durable {
+            fsync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

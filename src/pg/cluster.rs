@@ -435,6 +435,22 @@ impl Cluster {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    /// A pgbench command aimed at this server (the caller adds options and runs it).
+    pub fn pgbench(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bin.tool("pgbench"));
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &self.port.to_string(),
+        ])
+        .args(args)
+        .arg("postgres");
+        c
+    }
+
     /// Runs SQL with psql and returns its unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> Result<String> {
         let out = Command::new(self.bin.tool("psql"))

@@ -261,16 +261,8 @@ impl Spool {
 
     /// Writes status.json atomically, without fsync (it is advisory).
     pub fn write_status(&self, s: &ReceiverStatus) -> io::Result<()> {
-        let tmp = self.path(".status.json.tmp");
         let b = serde_json::to_vec_pretty(s).expect("status serializes");
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        io::Write::write_all(&mut f, &b)?;
-        fs::rename(tmp, self.path(STATUS))
+        crate::fsio::replace_file(&self.path(STATUS), &b, false)
     }
 
     /// Takes the spool's write lock: shared for a batch of writes, exclusive to fence.

@@ -421,19 +421,7 @@ pub fn flush_lsn(c: &Cluster) -> Lsn {
 
 /// Runs pgbench with bounded time.
 pub fn pgbench(c: &Cluster, args: &[&str]) {
-    let out = Command::new(c.bin.tool("pgbench"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-            &c.port.to_string(),
-        ])
-        .args(args)
-        .arg("postgres")
-        .output()
-        .unwrap();
+    let out = c.pgbench(args).output().unwrap();
     assert!(
         out.status.success(),
         "pgbench {args:?}: {}",
