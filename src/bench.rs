@@ -24,6 +24,9 @@
 //! `pgbench -c 4` runs. A bulk load (INSERT ... SELECT of 1.5 GB of rows)
 //! measures the shipping rate, and the CPU time and peak RSS of the
 //! shipping processes (waltail ship and receive, pg_receivewal) per GB.
+//! The **catch-up** rate is the ceiling: the receiving side is stopped, the
+//! primary writes the same bulk load again, the receiving side starts, and
+//! the rate at which its durable position then reaches the end is recorded.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -116,6 +119,9 @@ pub struct MethodResult {
     /// MB/s of WAL made durable during the bulk load.
     pub bulk_mb_s: Option<f64>,
     pub bulk_wal_mb: Option<f64>,
+    /// MB/s at which a stopped receiving side catches up: the ceiling.
+    pub catch_up_mb_s: Option<f64>,
+    pub catch_up_mb: Option<f64>,
     pub cost: Vec<Cost>,
 }
 
@@ -128,6 +134,9 @@ struct Rig {
     work: tempfile::TempDir,
     archive_seg: SegmentSize,
     probe: Option<Client>,
+    /// How to start the receiving side again (index 0 of `children`).
+    restart: Option<(PathBuf, Vec<String>, PathBuf)>,
+    run_as: Option<RunAs>,
 }
 
 impl Drop for Rig {
@@ -160,6 +169,8 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
         children: Vec::new(),
         archive_seg: SegmentSize::DEFAULT,
         probe: None,
+        restart: None,
+        run_as,
         primary,
         work,
     };
@@ -173,20 +184,17 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
             }
             let addr = format!("127.0.0.1:{}", free_port()?);
             let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-            let rx = spawn_logged(
-                exe,
-                &s(&[
-                    "receive",
-                    "--listen",
-                    &addr,
-                    "--spool",
-                    p("spool").to_str().unwrap_or(""),
-                    "--secret-file",
-                    secret.to_str().unwrap_or(""),
-                ]),
-                &p("receive.log"),
-                run_as,
-            )?;
+            let rx_args = s(&[
+                "receive",
+                "--listen",
+                &addr,
+                "--spool",
+                p("spool").to_str().unwrap_or(""),
+                "--secret-file",
+                secret.to_str().unwrap_or(""),
+            ]);
+            let rx = spawn_logged(exe, &rx_args, &p("receive.log"), run_as)?;
+            r.restart = Some((exe.to_path_buf(), rx_args, p("receive2.log")));
             r.children.push(("waltail receive".into(), rx));
             wait_until(Duration::from_secs(20), || {
                 std::net::TcpStream::connect(&addr).is_ok()
@@ -229,23 +237,27 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
             }
             r.primary
                 .psql("select pg_create_physical_replication_slot('bench', true)")?;
-            let mut cmd = r.primary.command(&r.primary.bin.tool("pg_receivewal"));
-            cmd.arg("-D")
-                .arg(&dir)
-                .args([
-                    "--slot",
-                    "bench",
-                    "--synchronous",
-                    "--no-loop",
-                    "-h",
-                    "127.0.0.1",
-                    "-U",
-                    "postgres",
-                ])
-                .args(["-p", &r.primary.port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            r.children.push(("pg_receivewal".into(), cmd.spawn()?));
+            let args: Vec<String> = [
+                "-D",
+                dir.to_str().unwrap_or(""),
+                "--slot",
+                "bench",
+                "--synchronous",
+                "--no-loop",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+                &r.primary.port.to_string(),
+            ]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+            let tool = r.primary.bin.tool("pg_receivewal");
+            let child = spawn_logged(&tool, &args, &p("receivewal.log"), run_as)?;
+            r.children.push(("pg_receivewal".into(), child));
+            r.restart = Some((tool, args, p("receivewal2.log")));
             r.probe = Some(connect(&r.primary.conninfo()).await?);
             let c = r.probe.as_ref().expect("set above");
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -307,6 +319,73 @@ impl Rig {
             .map(|(n, c)| (n.clone(), c.id()))
             .collect()
     }
+}
+
+impl Rig {
+    /// Stops whatever receives WAL, so the primary runs ahead of it.
+    async fn stop_receiving(&mut self) -> Result<()> {
+        if let Some(s) = &mut self.standby {
+            self.probe = None;
+            s.stop()?;
+        } else if let Some((_, c)) = self.children.first_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Starts the receiving side again.
+    async fn start_receiving(&mut self) -> Result<()> {
+        if let Some(s) = &mut self.standby {
+            s.start()?;
+            self.probe = Some(connect(&s.conninfo()).await?);
+        } else if let Some((exe, args, log)) = &self.restart {
+            let child = spawn_logged(exe, args, log, self.run_as)?;
+            if let Some(slot) = self.children.first_mut() {
+                slot.1 = child;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Catch-up rate: with the receiving side stopped, the primary writes a bulk
+/// load; then the receiving side starts and the rate at which the durable
+/// position moves to the end, from its first move, is the shipping ceiling.
+async fn catch_up(r: &mut Rig, rows: i64) -> Result<(f64, f64)> {
+    r.stop_receiving().await?;
+    let c = connect(&r.primary.conninfo()).await?;
+    c.batch_execute(&format!(
+        "CREATE TABLE catchup AS SELECT g AS id, repeat('c', 200) AS pad FROM generate_series(1, {rows}) g"
+    ))
+    .await?;
+    let end: Lsn = c
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await?
+        .get::<_, String>(0)
+        .parse()?;
+    r.start_receiving().await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let before = r.durable().await.unwrap_or_default();
+    let (from, t0) = loop {
+        let p = r.durable().await.unwrap_or_default();
+        if p > before {
+            break (p, Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!("the receiving side never moved after restart");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    while r.durable().await.unwrap_or_default() < end {
+        if Instant::now() > deadline {
+            bail!("catch-up did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let mb = end.bytes_since(from).unwrap_or(0) as f64 / f64::from(1u32 << 20);
+    Ok((mb / secs.max(1e-6), mb))
 }
 
 /// Probe commits every 100 ms for `dur` (plus `settle` to let the slowest
@@ -378,7 +457,7 @@ pub struct BenchOptions {
 }
 
 async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodResult> {
-    let r = rig(m, exe).await?;
+    let mut r = rig(m, exe).await?;
     let settle = match m {
         Method::Archive { timeout_s } => Duration::from_secs(2 * u64::from(timeout_s) + 20),
         _ => Duration::from_secs(5),
@@ -467,7 +546,19 @@ async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodRes
             });
         }
     }
+    let (mut catch_up_mb_s, mut catch_up_mb) = (None, None);
+    if !matches!(m, Method::Archive { .. }) {
+        eprintln!(
+            "  {}: catch-up after the receiving side was stopped",
+            m.label()
+        );
+        let (rate, mb) = catch_up(&mut r, o.bulk_rows).await?;
+        catch_up_mb_s = Some(rate);
+        catch_up_mb = Some(mb);
+    }
     Ok(MethodResult {
+        catch_up_mb_s,
+        catch_up_mb,
         method: m,
         label: m.label(),
         idle,
@@ -497,7 +588,7 @@ pub fn table(rs: &[MethodResult]) -> String {
         None => "-".into(),
     };
     let mut s = String::from(
-        "| method | commit-to-durable idle, ms (p50 / p99 / max) | under pgbench -c 4, ms (p50 / p99 / max) | bulk: WAL durable MB/s | CPU s per GB, peak RSS |\n|---|---|---|---|---|\n",
+        "| method | commit-to-durable idle, ms (p50 / p99 / max) | under pgbench -c 4, ms (p50 / p99 / max) | bulk: WAL durable MB/s | catch-up MB/s | CPU s per GB, peak RSS |\n|---|---|---|---|---|---|\n",
     );
     for r in rs {
         let cost = r
@@ -512,11 +603,14 @@ pub fn table(rs: &[MethodResult]) -> String {
             .collect::<Vec<_>>()
             .join("; ");
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             r.label,
             lat(&r.idle),
             lat(&r.pgbench),
             r.bulk_mb_s
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            r.catch_up_mb_s
                 .map(|v| format!("{v:.0}"))
                 .unwrap_or_else(|| "-".into()),
             if cost.is_empty() { "-".into() } else { cost }
