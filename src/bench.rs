@@ -223,7 +223,14 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
         Method::Streaming => {
             let mut s =
                 Cluster::from_base_backup(&r.primary, "bench-standby", &ClusterOptions::default())?;
-            s.append_conf(&format!("primary_conninfo = '{}'\n", r.primary.conninfo()))?;
+            // A slot, as pg_receivewal and waltail have, so a stopped
+            // standby can always catch up.
+            r.primary
+                .psql("select pg_create_physical_replication_slot('bench_standby', true)")?;
+            s.append_conf(&format!(
+                "primary_conninfo = '{}'\nprimary_slot_name = 'bench_standby'\n",
+                r.primary.conninfo()
+            ))?;
             s.touch("standby.signal")?;
             s.start()?;
             r.probe = Some(connect(&s.conninfo()).await?);
@@ -365,7 +372,7 @@ async fn catch_up(r: &mut Rig, rows: i64) -> Result<(f64, f64)> {
         .get::<_, String>(0)
         .parse()?;
     r.start_receiving().await?;
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_secs(180);
     let before = r.durable().await.unwrap_or_default();
     let (from, t0) = loop {
         let p = r.durable().await.unwrap_or_default();
