@@ -11,8 +11,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use waltail::pg::cluster::{free_port, RunAs};
-use waltail::pg::process::{cpu_seconds, rss_mb};
+use waltail::pg::cluster::RunAs;
+use waltail::pg::process::{cpu_seconds, rss_mb, start_pair};
 use waltail::pg::{Cluster, ClusterOptions};
 
 fn main() {
@@ -40,42 +40,15 @@ fn main() {
     if let Some(r) = run_as {
         r.chown(work.path()).unwrap();
     }
-    let secret = work.path().join("secret");
-    std::fs::write(&secret, "bench-secret-0123456789abcdef").unwrap();
-    if let Some(r) = run_as {
-        r.chown(&secret).unwrap();
-    }
-    let addr = format!("127.0.0.1:{}", free_port().unwrap());
-    let spawn = |args: Vec<String>| {
-        let mut cmd = Command::new(&exe);
-        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null());
-        if let Some(r) = run_as {
-            r.apply(&mut cmd);
-        }
-        cmd.spawn().unwrap()
-    };
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let mut rx = spawn(s(&[
-        "receive",
-        "--listen",
-        &addr,
-        "--spool",
-        work.path().join("spool").to_str().unwrap(),
-        "--secret-file",
-        secret.to_str().unwrap(),
-    ]));
-    std::thread::sleep(Duration::from_millis(300));
-    let mut tx = spawn(s(&[
-        "ship",
-        "--primary",
+    let pair = start_pair(
+        &exe,
         &c.conninfo(),
-        "--receiver",
-        &addr,
-        "--secret-file",
-        secret.to_str().unwrap(),
-        "--interval",
-        "10ms",
-    ]));
+        work.path(),
+        Duration::from_millis(10),
+        run_as,
+    )
+    .unwrap();
+    let (mut rx, mut tx) = (pair.receive, pair.ship);
     let pgbench = |args: &[&str]| {
         c.pgbench(args)
             .stdout(Stdio::null())

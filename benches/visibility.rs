@@ -8,10 +8,11 @@
 //! makes a primary and a standby, ships with --interval 10ms, and times 60
 //! single-row commits at idle (one every 150 ms), polling the standby every 2 ms.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use waltail::pg::cluster::{free_port, RunAs};
+use waltail::pg::cluster::RunAs;
+use waltail::pg::process::start_pair;
 use waltail::pg::{Cluster, ClusterOptions};
 use waltail::standby::Style;
 
@@ -28,51 +29,17 @@ async fn one(retry_ms: u64, exe: &std::path::Path) {
     if let Some(r) = run_as {
         r.chown(work.path()).unwrap();
     }
-    let secret = work.path().join("secret");
-    std::fs::write(&secret, "bench-secret-0123456789abcdef").unwrap();
-    if let Some(r) = run_as {
-        r.chown(&secret).unwrap();
-    }
-    let spool = work.path().join("spool");
-    let addr = format!("127.0.0.1:{}", free_port().unwrap());
-    let spawn = |args: &[&str]| {
-        let mut cmd = Command::new(exe);
-        let log = std::fs::File::create(work.path().join(format!("{}.log", args[0]))).unwrap();
-        if let Some(r) = run_as {
-            r.chown(&work.path().join(format!("{}.log", args[0])))
-                .unwrap();
-        }
-        cmd.args(args).stdout(Stdio::null()).stderr(log);
-        if let Some(r) = run_as {
-            r.apply(&mut cmd);
-        }
-        cmd.spawn().unwrap()
-    };
-    let mut rx = spawn(&[
-        "receive",
-        "--listen",
-        &addr,
-        "--spool",
-        spool.to_str().unwrap(),
-        "--secret-file",
-        secret.to_str().unwrap(),
-    ]);
-    std::thread::sleep(Duration::from_millis(300));
-    let mut tx = spawn(&[
-        "ship",
-        "--primary",
-        &c.conninfo(),
-        "--receiver",
-        &addr,
-        "--secret-file",
-        secret.to_str().unwrap(),
-        "--interval",
-        "10ms",
-    ]);
     c.psql("create table v(id int primary key)").unwrap();
-    while !spool.join("position").exists() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let pair = start_pair(
+        exe,
+        &c.conninfo(),
+        work.path(),
+        Duration::from_millis(10),
+        run_as,
+    )
+    .unwrap();
+    let spool = pair.spool.clone();
+    let (mut rx, mut tx) = (pair.receive, pair.ship);
     let pgdata = work.path().join("standby");
     waltail::standby::init_standby(
         exe,

@@ -37,8 +37,8 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::pg::client::connect;
-use crate::pg::cluster::{free_port, RunAs};
-use crate::pg::process::{cpu_seconds, rss_mb, spawn_logged, wait_until};
+use crate::pg::cluster::RunAs;
+use crate::pg::process::{cpu_seconds, rss_mb, spawn_logged, start_pair};
 use crate::pg::{Cluster, ClusterOptions};
 use crate::spool::Spool;
 use crate::wal::{Lsn, SegmentSize, WalFileName};
@@ -177,48 +177,16 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
     let p = |n: &str| r.work.path().join(n);
     match method {
         Method::Waltail { interval_ms } => {
-            let secret = p("secret");
-            std::fs::write(&secret, "bench-secret-0123456789abcdef")?;
-            if let Some(ra) = run_as {
-                ra.chown(&secret)?;
-            }
-            let addr = format!("127.0.0.1:{}", free_port()?);
-            let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-            let rx_args = s(&[
-                "receive",
-                "--listen",
-                &addr,
-                "--spool",
-                p("spool").to_str().unwrap_or(""),
-                "--secret-file",
-                secret.to_str().unwrap_or(""),
-            ]);
-            let rx = spawn_logged(exe, &rx_args, &p("receive.log"), run_as)?;
-            r.restart = Some((exe.to_path_buf(), rx_args, p("receive2.log")));
-            r.children.push(("waltail receive".into(), rx));
-            wait_until(Duration::from_secs(20), || {
-                std::net::TcpStream::connect(&addr).is_ok()
-            })?;
-            let iv = format!("{interval_ms}ms");
-            let tx = spawn_logged(
+            let pair = start_pair(
                 exe,
-                &s(&[
-                    "ship",
-                    "--primary",
-                    &r.primary.conninfo(),
-                    "--receiver",
-                    &addr,
-                    "--secret-file",
-                    secret.to_str().unwrap_or(""),
-                    "--interval",
-                    &iv,
-                ]),
-                &p("ship.log"),
+                &r.primary.conninfo(),
+                r.work.path(),
+                Duration::from_millis(interval_ms),
                 run_as,
             )?;
-            r.children.push(("waltail ship".into(), tx));
-            let pos = p("spool").join("position");
-            wait_until(Duration::from_secs(20), || pos.exists())?;
+            r.restart = Some((exe.to_path_buf(), pair.receive_args, p("receive2.log")));
+            r.children.push(("waltail receive".into(), pair.receive));
+            r.children.push(("waltail ship".into(), pair.ship));
         }
         Method::Streaming => {
             let mut s =

@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::failover::{FailoverConfig, FailoverReport};
 use crate::load;
-use crate::pg::cluster::{free_port, RunAs};
-use crate::pg::process::{spawn_logged, wait_until};
+use crate::pg::cluster::RunAs;
+use crate::pg::process::start_pair;
 use crate::pg::{Cluster, ClusterOptions};
 use crate::standby::Style;
 use crate::wal::{scan_segment, Lsn, ScanConfig, SegmentName, SegmentSize};
@@ -38,10 +38,6 @@ impl Drop for Daemon {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn spawn(exe: &Path, args: &[String], log: &Path, run_as: Option<RunAs>) -> Result<Daemon> {
-    Ok(Daemon(spawn_logged(exe, args, log, run_as)?))
 }
 
 /// The results the demo prints.
@@ -80,63 +76,21 @@ async fn run_inner(opts: &DemoOptions) -> Result<DemoResult> {
     primary.start()?;
     say(format!("primary is up on 127.0.0.1:{}", primary.port));
 
-    let secret = path("secret");
-    let mut s = [0u8; 24];
-    getrandom::getrandom(&mut s).map_err(|e| anyhow::anyhow!("random: {e}"))?;
-    std::fs::write(
-        &secret,
-        s.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-    )?;
-    if let Some(r) = run_as {
-        r.chown(&secret)?;
-    }
-    let spool = path("spool");
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let sec = secret.display().to_string();
-    let _rx = spawn(
+    let pair = start_pair(
         &exe,
-        &[
-            "receive",
-            "--listen",
-            &addr,
-            "--spool",
-            &spool.display().to_string(),
-            "--secret-file",
-            &sec,
-        ]
-        .map(String::from),
-        &path("receive.log"),
+        &primary.conninfo(),
+        work.path(),
+        opts.interval,
         run_as,
     )?;
-    wait_until(Duration::from_secs(20), || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    })
-    .context("waltail receive did not start")?;
+    let spool = pair.spool.clone();
+    let (_rx, _tx) = (Daemon(pair.receive), Daemon(pair.ship));
     let interval = format!("{}ms", opts.interval.as_millis().max(1));
-    let _tx = spawn(
-        &exe,
-        &[
-            "ship",
-            "--primary",
-            &primary.conninfo(),
-            "--receiver",
-            &addr,
-            "--secret-file",
-            &sec,
-            "--interval",
-            &interval,
-        ]
-        .map(String::from),
-        &path("ship.log"),
-        run_as,
-    )?;
     say(format!(
-        "waltail receive listens on {addr}, spool {}; waltail ship polls every {interval}",
+        "waltail receive has WAL in spool {}; waltail ship polls every {interval}",
         spool.display()
     ));
     load::create_table(&primary.conninfo(), "demo").await?;
-    wait_until(Duration::from_secs(20), || spool.join("position").exists())
-        .context("nothing reached the spool")?;
 
     say(format!(
         "making the standby (pg_basebackup, {} style)",

@@ -70,3 +70,74 @@ pub fn rss_mb(pid: u32) -> f64 {
         .unwrap_or(0.0)
         / 1024.0
 }
+
+/// A running `waltail receive` + `waltail ship` pair on this machine.
+pub struct Pair {
+    pub receive: Child,
+    pub ship: Child,
+    pub spool: std::path::PathBuf,
+    /// The receiver's command line, to start it again.
+    pub receive_args: Vec<String>,
+}
+
+/// Starts `exe receive` on a free loopback port with its spool in `work`,
+/// then `exe ship` from `primary_conninfo` to it, with a fresh secret file
+/// (all readable by `run_as`); waits until WAL reaches the spool. Logs go to
+/// `work/receive.log` and `work/ship.log`.
+pub fn start_pair(
+    exe: &Path,
+    primary_conninfo: &str,
+    work: &Path,
+    interval: Duration,
+    run_as: Option<RunAs>,
+) -> Result<Pair> {
+    let secret = work.join("secret");
+    let mut s = [0u8; 24];
+    getrandom::getrandom(&mut s).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+    std::fs::write(
+        &secret,
+        s.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    )?;
+    if let Some(r) = run_as {
+        r.chown(&secret)?;
+    }
+    let spool = work.join("spool");
+    let addr = format!("127.0.0.1:{}", super::cluster::free_port()?);
+    let owned = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let (sp, sec) = (spool.display().to_string(), secret.display().to_string());
+    let receive_args = owned(&[
+        "receive",
+        "--listen",
+        &addr,
+        "--spool",
+        &sp,
+        "--secret-file",
+        &sec,
+    ]);
+    let receive = spawn_logged(exe, &receive_args, &work.join("receive.log"), run_as)?;
+    wait_until(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    })
+    .context("waltail receive did not start listening")?;
+    let iv = format!("{}ms", interval.as_millis().max(1));
+    let ship_args = owned(&[
+        "ship",
+        "--primary",
+        primary_conninfo,
+        "--receiver",
+        &addr,
+        "--secret-file",
+        &sec,
+        "--interval",
+        &iv,
+    ]);
+    let ship = spawn_logged(exe, &ship_args, &work.join("ship.log"), run_as)?;
+    let pos = spool.join("position");
+    wait_until(Duration::from_secs(30), || pos.exists()).context("no WAL reached the spool")?;
+    Ok(Pair {
+        receive,
+        ship,
+        spool,
+        receive_args,
+    })
+}
