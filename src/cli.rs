@@ -200,7 +200,7 @@ pub enum Command {
     },
     /// Compare waltail with streaming replication, pg_receivewal and archive_command, on throwaway clusters.
     #[command(
-        after_help = "Example:\n  waltail bench --out bench-results\n  waltail bench --methods waltail-1,streaming --seconds 5\n\nWrites bench.json and bench.md into --out. Takes about 5 minutes with every method.\nExit codes: 0 done, 1 a method failed to run."
+        after_help = "Example:\n  waltail bench --out bench-results\n  waltail bench --methods waltail-1,streaming --seconds 5\n\nWrites bench.json, bench.md (tables and targets) and latency-cdf.svg into --out.\nTakes about 20 minutes with every method and 10 kill trials each.\nExit codes: 0 done, 1 a method failed to run."
     )]
     Bench {
         /// Directory for bench.json and bench.md.
@@ -218,6 +218,12 @@ pub enum Command {
         /// Rows of the bulk load (about 250 bytes of WAL each).
         #[arg(long, default_value_t = 4_000_000)]
         bulk_rows: i64,
+        /// SIGKILL trials per method for the loss window (0 to skip).
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+        /// Seed of the trials' kill timings (default: from the clock, printed).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Make a standby data directory fed from the spool (base backup + recovery settings).
     #[command(
@@ -506,6 +512,8 @@ fn run(cli: Cli) -> u8 {
             methods,
             seconds,
             bulk_rows,
+            trials,
+            seed,
         } => {
             use crate::bench::Method;
             let mut ms = Vec::new();
@@ -525,6 +533,13 @@ fn run(cli: Cli) -> u8 {
                 methods: ms,
                 seconds: seconds.clamp(1, 600),
                 bulk_rows: bulk_rows.clamp(1000, 100_000_000),
+                trials: trials.min(100),
+                seed: seed.unwrap_or_else(|| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(1)
+                }),
             };
             let (rt, _t) = runtime();
             match rt.block_on(crate::bench::run(&opts)) {

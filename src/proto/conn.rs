@@ -11,7 +11,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::auth::{nonce, Secret};
-use super::frame::{encode_data, Frame, FrameError, MAX_FRAME, PROTOCOL_VERSION};
+use super::frame::{
+    encode_data, Frame, FrameError, MAX_FRAME, OVERHEAD as FRAME_OVERHEAD, PROTOCOL_VERSION,
+};
+
+/// How much one read asks the stream for.
+const READ_CHUNK: usize = 256 << 10;
 use crate::wal::{Lsn, TimelineId};
 
 /// A byte stream waltail can speak over.
@@ -60,35 +65,62 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The next frame; `Ok(None)` on a clean EOF between frames.
+    ///
+    /// Cancel-safe: bytes read before a cancellation stay in the buffer.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
         loop {
             if let Some((f, n)) = Frame::parse(&self.buf[self.start..], self.max)? {
                 self.start += n;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
                 return Ok(Some(f));
             }
-            if self.start > 0 {
-                self.buf.drain(..self.start);
-                self.start = 0;
-            }
-            let mut chunk = [0u8; 64 << 10];
-            let n = self.r.read(&mut chunk).await?;
-            if n == 0 {
-                return if self.buf.is_empty() {
+            if self.read_more().await? == 0 {
+                return if self.buffered() == 0 {
                     Ok(None)
                 } else {
                     Err(ProtoError::TruncatedFrame)
                 };
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
-    /// True if a whole frame is already buffered (the next read will not wait).
+    /// One read from the stream straight into the buffer; 0 at EOF.
+    async fn read_more(&mut self) -> Result<usize, ProtoError> {
+        if self.start > 0
+            && (self.start >= self.buf.len() / 2
+                || self.buf.capacity() - self.buf.len() < READ_CHUNK)
+        {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.reserve(READ_CHUNK);
+        Ok(self.r.read_buf(&mut self.buf).await?)
+    }
+
+    /// Reads whatever the stream has ready now, without waiting. False at
+    /// EOF or when nothing was ready.
+    pub async fn read_ready(&mut self) -> Result<bool, ProtoError> {
+        match tokio::time::timeout(Duration::ZERO, self.read_more()).await {
+            Ok(Ok(n)) => Ok(n > 0),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Bytes received and not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// True if a whole frame is already buffered (the next read will not
+    /// wait). Looks at the length prefix only.
     pub fn has_frame(&self) -> bool {
-        matches!(
-            Frame::parse(&self.buf[self.start..], self.max),
-            Ok(Some(_)) | Err(_)
-        )
+        let b = &self.buf[self.start..];
+        b.len() >= 4
+            && b.len() >= u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize + FRAME_OVERHEAD
     }
 
     /// The next frame within `d`, failing on EOF.

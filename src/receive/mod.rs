@@ -10,7 +10,10 @@
 //! deadline on each step, and at most `max_connections` connections are
 //! served at once, so idle or hostile clients cannot exhaust the receiver.
 //!
-//! Acks report only what is fsynced. On a write error (a full disk, a failed
+//! Acks report only what is fsynced. A burst of frames (a catch-up) is
+//! written on and synced once when the stream pauses, after 16 MB or after
+//! 4 ms, whichever comes first; a lone range is synced and acked at once.
+//! On a write error (a full disk, a failed
 //! fsync) the receiver logs the reason, acks nothing more, drops what was not
 //! durable and closes the connection; the shipper reconnects and resumes at
 //! the durable position once the problem is gone.
@@ -18,7 +21,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tokio::net::{TcpListener, TcpStream};
@@ -318,8 +321,20 @@ where
     let mut held: Option<nix::fcntl::Flock<std::fs::File>> = None;
     let mut last_status = 0u64;
     let mut bytes_written = 0u64;
+    // Written but not yet synced: since when, and how much.
+    let mut unsynced: Option<Instant> = None;
+    let mut unsynced_bytes = 0usize;
     loop {
-        let frame = match tokio::time::timeout(idle, r.read_frame()).await {
+        // While more of a burst is arriving, keep writing and sync once;
+        // when the stream pauses, sync and ack at once.
+        let wait = if unsynced.is_some() { SYNC_DELAY } else { idle };
+        let frame = match tokio::time::timeout(wait, r.read_frame()).await {
+            Err(_) if unsynced.is_some() => {
+                sync_and_ack(w, writer, &mut held, &mut lock_file).await?;
+                unsynced = None;
+                unsynced_bytes = 0;
+                continue;
+            }
             Err(_) => bail!("no frame for {idle:?}: closing an idle connection"),
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => return Ok(()),
@@ -346,6 +361,7 @@ where
                 tokio::task::block_in_place(|| writer.write(tli, start, &bytes))
                     .with_context(|| format!("writing {} bytes at {start}", bytes.len()))?;
                 bytes_written += bytes.len() as u64;
+                unsynced_bytes += bytes.len();
             }
             Frame::Heartbeat { flush, time_us: _ } => {
                 let now = now_ms();
@@ -375,21 +391,47 @@ where
             }
             other => bail!("unexpected {} frame while streaming", other.name()),
         }
-        // Nothing more waiting: make it durable and say so.
-        if held.is_some() && !r.has_frame() {
-            let durable = tokio::task::block_in_place(|| writer.sync());
-            let f = held
-                .take()
-                .expect("checked above")
-                .unlock()
-                .map_err(|(_, e)| anyhow::anyhow!("unlocking: {e}"))?;
-            lock_file = Some(f);
-            let durable = durable.context("making received WAL durable")?;
-            let tli = writer.durable().map(|d| d.0).unwrap_or(TimelineId(1));
-            w.send(&Frame::Ack { tli, durable }).await?;
+        if held.is_none() {
+            continue;
+        }
+        let first = *unsynced.get_or_insert_with(Instant::now);
+        // Whether the sender is in the middle of a burst: bytes of the next
+        // frame are here already, or arrive without waiting.
+        let more = r.buffered() > 0 || r.read_ready().await?;
+        if !more || unsynced_bytes >= SYNC_BYTES || first.elapsed() >= SYNC_DELAY {
+            sync_and_ack(w, writer, &mut held, &mut lock_file).await?;
+            unsynced = None;
+            unsynced_bytes = 0;
         }
     }
 }
+
+/// Makes what was written durable, releases the write lock and acks.
+async fn sync_and_ack<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut FrameWriter<W>,
+    writer: &mut SpoolWriter,
+    held: &mut Option<nix::fcntl::Flock<std::fs::File>>,
+    lock_file: &mut Option<std::fs::File>,
+) -> anyhow::Result<()> {
+    let Some(h) = held.take() else {
+        return Ok(());
+    };
+    let durable = tokio::task::block_in_place(|| writer.sync());
+    let f = h
+        .unlock()
+        .map_err(|(_, e)| anyhow::anyhow!("unlocking: {e}"))?;
+    *lock_file = Some(f);
+    let durable = durable.context("making received WAL durable")?;
+    let tli = writer.durable().map(|d| d.0).unwrap_or(TimelineId(1));
+    w.send(&Frame::Ack { tli, durable }).await?;
+    Ok(())
+}
+
+/// The longest a burst of frames goes unsynced, and the most bytes it may
+/// hold: while frames keep arriving the receiver writes on and syncs once
+/// per burst, so a catch-up is not one fdatasync per frame.
+const SYNC_DELAY: Duration = Duration::from_millis(4);
+const SYNC_BYTES: usize = 16 << 20;
 
 fn open_write_lock(spool: &Spool) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -28,6 +28,9 @@
 //! primary writes the same bulk load again, the receiving side starts, and
 //! the rate at which its durable position then reaches the end is recorded.
 
+pub mod loss;
+pub mod plot;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -41,7 +44,9 @@ use crate::pg::cluster::RunAs;
 use crate::pg::process::{cpu_seconds, rss_mb, spawn_logged, start_pair};
 use crate::pg::{Cluster, ClusterOptions};
 use crate::spool::Spool;
+use crate::wal::scan::{scan_segment, ScanConfig};
 use crate::wal::{Lsn, SegmentSize, WalFileName};
+pub use loss::LossSummary;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "method", rename_all = "snake_case")]
@@ -116,6 +121,11 @@ pub struct MethodResult {
     pub label: String,
     pub idle: Option<Latency>,
     pub pgbench: Option<Latency>,
+    /// Commit-to-visible on a hot standby (waltail's standby.signal style
+    /// and streaming replication only).
+    pub idle_visible: Option<Latency>,
+    pub pgbench_visible: Option<Latency>,
+    pub loss: Option<LossSummary>,
     /// MB/s of WAL made durable during the bulk load.
     pub bulk_mb_s: Option<f64>,
     pub bulk_wal_mb: Option<f64>,
@@ -130,6 +140,10 @@ struct Rig {
     method: Method,
     primary: Cluster,
     standby: Option<Cluster>,
+    /// waltail's hot standby (standby.signal style, fed from the spool).
+    hot_standby: Option<Cluster>,
+    /// A connection to the hot standby, for commit-to-visible.
+    hot: Option<Client>,
     children: Vec<(String, Child)>,
     work: tempfile::TempDir,
     archive_seg: SegmentSize,
@@ -166,6 +180,8 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
     let mut r = Rig {
         method,
         standby: None,
+        hot_standby: None,
+        hot: None,
         children: Vec::new(),
         archive_seg: SegmentSize::DEFAULT,
         probe: None,
@@ -187,6 +203,21 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
             r.restart = Some((exe.to_path_buf(), pair.receive_args, p("receive2.log")));
             r.children.push(("waltail receive".into(), pair.receive));
             r.children.push(("waltail ship".into(), pair.ship));
+            // A hot standby fed from the spool, as init-standby makes it.
+            let pgdata = p("standby");
+            crate::standby::init_standby(
+                exe,
+                &r.primary.conninfo(),
+                &pgdata,
+                &p("spool"),
+                crate::standby::Style::Standby,
+                Duration::from_millis(100),
+            )
+            .await?;
+            let mut s = Cluster::adopt("bench-standby", &pgdata)?;
+            s.start()?;
+            r.hot = Some(connect(&s.conninfo()).await?);
+            r.hot_standby = Some(s);
         }
         Method::Streaming => {
             let mut s =
@@ -202,6 +233,7 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
             s.touch("standby.signal")?;
             s.start()?;
             r.probe = Some(connect(&s.conninfo()).await?);
+            r.hot = Some(connect(&s.conninfo()).await?);
             r.standby = Some(s);
         }
         Method::Receivewal => {
@@ -288,6 +320,96 @@ impl Rig {
         })
     }
 
+    /// What the standby side holds durably once the primary is dead: as
+    /// [`Rig::durable`], except that pg_receivewal's position is read from
+    /// its directory (the end of valid WAL in its newest file), since the
+    /// primary that reported it is gone.
+    async fn durable_after_kill(&self) -> Result<Lsn> {
+        if self.method != Method::Receivewal {
+            return self.durable().await;
+        }
+        let dir = self.work.path().join("receivewal");
+        let seg = SegmentSize::DEFAULT;
+        let mut newest = None;
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let (s, partial) = match WalFileName::parse(&name, seg) {
+                Ok(WalFileName::Segment(s)) => (s, false),
+                Ok(WalFileName::Partial(s)) => (s, true),
+                _ => continue,
+            };
+            if newest.as_ref().is_none_or(|(n, _, _)| s > *n) {
+                newest = Some((s, partial, e.path()));
+            }
+        }
+        let Some((s, partial, path)) = newest else {
+            return Ok(Lsn(0));
+        };
+        if !partial {
+            return Ok(s.end_lsn(seg));
+        }
+        let bytes = std::fs::read(&path)?;
+        Ok(scan_segment(s.start_lsn(seg), &bytes, ScanConfig::new(seg)).end_lsn)
+    }
+
+    /// After a crash restart of the primary: what needs reconnecting.
+    async fn after_primary_restart(&mut self) -> Result<()> {
+        if self.method == Method::Receivewal {
+            // pg_receivewal --no-loop exits when its primary dies.
+            if let Some((_, c)) = self.children.first_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            self.start_receiving().await?;
+            self.probe = Some(connect(&self.primary.conninfo()).await?);
+            let c = self.probe.as_ref().context("no probe")?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.query_opt("SELECT 1 FROM pg_stat_replication WHERE application_name = 'pg_receivewal' AND flush_lsn IS NOT NULL", &[]).await?.is_none() {
+                if Instant::now() > deadline {
+                    bail!("pg_receivewal did not reconnect");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Promotes the standby (waltail: the failover hook; streaming:
+    /// `pg_promote()`); returns its conninfo.
+    async fn fail_over(&mut self) -> Result<String> {
+        match self.method {
+            Method::Waltail { .. } => {
+                let s = self.hot_standby.as_ref().context("no standby")?;
+                let cfg = crate::failover::FailoverConfig {
+                    spool: self.work.path().join("spool"),
+                    standby: Some(s.conninfo()),
+                    force: false,
+                    alive_window: Duration::from_secs(1),
+                    timeout: Duration::from_secs(120),
+                };
+                let rep = crate::failover::run(&cfg).await?;
+                eprintln!(
+                    "    failover: {}",
+                    rep.to_text().lines().next().unwrap_or("")
+                );
+                Ok(s.conninfo())
+            }
+            Method::Streaming => {
+                let s = self.standby.as_ref().context("no standby")?;
+                let c = connect(&s.conninfo()).await?;
+                let ok: bool = c
+                    .query_one("SELECT pg_promote(true, 60)", &[])
+                    .await?
+                    .get(0);
+                if !ok {
+                    bail!("pg_promote() did not finish within 60 s");
+                }
+                Ok(s.conninfo())
+            }
+            _ => bail!("no standby to promote for {}", self.method.label()),
+        }
+    }
+
     fn pids(&self) -> Vec<(String, u32)> {
         self.children
             .iter()
@@ -364,53 +486,93 @@ async fn catch_up(r: &mut Rig, rows: i64) -> Result<(f64, f64)> {
 }
 
 /// Probe commits every 100 ms for `dur` (plus `settle` to let the slowest
-/// method catch up); returns commit-to-durable latencies in ms.
-async fn probe_latency(r: &Rig, dur: Duration, settle: Duration, base: i64) -> Result<Vec<f64>> {
+/// method catch up); returns commit-to-durable latencies in ms, and
+/// commit-to-visible ones when the rig has a hot standby.
+async fn probe_latency(
+    r: &Rig,
+    dur: Duration,
+    settle: Duration,
+    base: i64,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let conninfo = r.primary.conninfo();
     crate::load::create_table(&conninfo, "probe").await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Lsn, Instant)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i64, Lsn, Instant)>();
     let committer = tokio::spawn(async move {
         let c = connect(&conninfo).await?;
         let ins = c.prepare("INSERT INTO probe (id) VALUES ($1)").await?;
         let t0 = Instant::now();
-        let mut id = 0i64;
+        let mut id = base;
         while t0.elapsed() < dur {
             id += 1;
-            c.execute(&ins, &[&(id + base)]).await?;
+            c.execute(&ins, &[&id]).await?;
             let at = Instant::now();
             let l: String = c
                 .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
                 .await?
                 .get(0);
-            let _ = tx.send((l.parse()?, at));
+            let _ = tx.send((id, l.parse()?, at));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         anyhow::Ok(())
     });
-    let mut pending: Vec<(Lsn, Instant)> = Vec::new();
-    let mut out = Vec::new();
+    // Prepared once the probe table has reached the standby.
+    let mut visible_sql = None;
+    let mut pending: Vec<(i64, Lsn, Instant)> = Vec::new();
+    let mut unseen: Vec<(i64, Instant)> = Vec::new();
+    let (mut durable, mut visible) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + dur + settle;
     loop {
         while let Ok(x) = rx.try_recv() {
             pending.push(x);
+            if r.hot.is_some() {
+                unseen.push((x.0, x.2));
+            }
         }
         let pos = r.durable().await.unwrap_or_default();
         let now = Instant::now();
-        pending.retain(|(l, at)| {
+        pending.retain(|(_, l, at)| {
             if *l <= pos {
-                out.push(now.duration_since(*at).as_secs_f64() * 1000.0);
+                durable.push(now.duration_since(*at).as_secs_f64() * 1000.0);
                 false
             } else {
                 true
             }
         });
-        if (committer.is_finished() && pending.is_empty() && rx.is_empty()) || now > deadline {
+        if let (Some(h), Some(first)) = (&r.hot, unseen.first()) {
+            // The probe table appears on the standby only once replayed.
+            if visible_sql.is_none() {
+                visible_sql = h
+                    .prepare("SELECT coalesce(max(id), 0) FROM probe WHERE id > $1")
+                    .await
+                    .ok();
+            }
+            let seen = match &visible_sql {
+                Some(q) => h
+                    .query_one(q, &[&(first.0 - 1)])
+                    .await
+                    .map(|row| row.get::<_, i64>(0))
+                    .unwrap_or(0),
+                None => 0,
+            };
+            let now = Instant::now();
+            unseen.retain(|(id, at)| {
+                if *id <= seen {
+                    visible.push(now.duration_since(*at).as_secs_f64() * 1000.0);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        let done =
+            committer.is_finished() && rx.is_empty() && pending.is_empty() && unseen.is_empty();
+        if done || now > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     committer.await??;
-    Ok(out)
+    Ok((durable, visible))
 }
 
 fn pgbench(r: &Rig, args: &[&str]) -> Result<Child> {
@@ -429,6 +591,10 @@ pub struct BenchOptions {
     pub seconds: u64,
     /// Rows in the bulk load (about 250 bytes of WAL each).
     pub bulk_rows: i64,
+    /// Kill trials per method for the loss window (0: none).
+    pub trials: usize,
+    /// Seed of the kill timings.
+    pub seed: u64,
 }
 
 async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodResult> {
@@ -444,10 +610,10 @@ async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodRes
         bail!("pgbench -i failed");
     }
     eprintln!("  {}: idle probe commits", m.label());
-    let idle = Latency::from(probe_latency(&r, dur, settle, 0).await?);
+    let (idle, idle_visible) = probe_latency(&r, dur, settle, 0).await?;
     eprintln!("  {}: probe commits under pgbench -c 4", m.label());
     let mut load = pgbench(&r, &["-c", "4", "-T", &o.seconds.to_string(), "-n"])?;
-    let under = Latency::from(probe_latency(&r, dur, settle, 1_000_000_000).await?);
+    let (under, under_visible) = probe_latency(&r, dur, settle, 1_000_000_000).await?;
     let _ = load.wait();
     // Bulk: how fast WAL becomes durable on the standby side.
     let (mut bulk_mb_s, mut bulk_wal_mb, mut cost) = (None, None, Vec::new());
@@ -531,13 +697,26 @@ async fn run_method(m: Method, exe: &Path, o: &BenchOptions) -> Result<MethodRes
         catch_up_mb_s = Some(rate);
         catch_up_mb = Some(mb);
     }
+    let mut loss = None;
+    if o.trials > 0 {
+        eprintln!(
+            "  {}: {} kill trials (seed {})",
+            m.label(),
+            o.trials,
+            o.seed
+        );
+        loss = Some(loss::trials(&mut r, o.trials, o.seed).await?);
+    }
     Ok(MethodResult {
+        idle: Latency::from(idle),
+        pgbench: Latency::from(under),
+        idle_visible: Latency::from(idle_visible),
+        pgbench_visible: Latency::from(under_visible),
+        loss,
         catch_up_mb_s,
         catch_up_mb,
         method: m,
         label: m.label(),
-        idle,
-        pgbench: under,
         bulk_mb_s,
         bulk_wal_mb,
         cost,
@@ -554,14 +733,23 @@ pub async fn run(o: &BenchOptions) -> Result<Vec<MethodResult>> {
     std::fs::create_dir_all(&o.out)?;
     std::fs::write(o.out.join("bench.json"), serde_json::to_vec_pretty(&out)?)?;
     std::fs::write(o.out.join("bench.md"), table(&out))?;
+    plot::latency_cdfs(&out, &o.out.join("latency-cdf.svg"))?;
     Ok(out)
 }
 
-pub fn table(rs: &[MethodResult]) -> String {
-    let lat = |l: &Option<Latency>| match l {
+fn lat(l: &Option<Latency>) -> String {
+    match l {
         Some(l) => format!("{:.1} / {:.1} / {:.1}", l.p50_ms, l.p99_ms, l.max_ms),
         None => "-".into(),
-    };
+    }
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into())
+}
+
+/// The markdown report: latency and cost, visibility and loss, targets.
+pub fn table(rs: &[MethodResult]) -> String {
     let mut s = String::from(
         "| method | commit-to-durable idle, ms (p50 / p99 / max) | under pgbench -c 4, ms (p50 / p99 / max) | bulk: WAL durable MB/s | catch-up MB/s | CPU s per GB, peak RSS |\n|---|---|---|---|---|---|\n",
     );
@@ -582,14 +770,115 @@ pub fn table(rs: &[MethodResult]) -> String {
             r.label,
             lat(&r.idle),
             lat(&r.pgbench),
-            r.bulk_mb_s
-                .map(|v| format!("{v:.0}"))
-                .unwrap_or_else(|| "-".into()),
-            r.catch_up_mb_s
-                .map(|v| format!("{v:.0}"))
-                .unwrap_or_else(|| "-".into()),
+            num(r.bulk_mb_s),
+            num(r.catch_up_mb_s),
             if cost.is_empty() { "-".into() } else { cost }
         ));
+    }
+    s.push_str(
+        "\n| method | commit-to-visible idle, ms (p50 / p99 / max) | under pgbench -c 4, ms | SIGKILL trials | bytes lost (median / max) | commits lost (median / max) | real failover: commits primary / standby |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in rs {
+        let (trials, bytes, commits, check) = match &r.loss {
+            Some(l) => (
+                l.trials.len().to_string(),
+                format!("{} / {}", l.median_bytes, l.max_bytes),
+                format!("{} / {}", l.median_commits, l.max_commits),
+                l.failover_check
+                    .as_ref()
+                    .map(|c| {
+                        format!(
+                            "{} / {} (WAL count: {} lost)",
+                            c.primary_commits, c.standby_commits, c.lost_commits_by_wal
+                        )
+                    })
+                    .unwrap_or_else(|| "-".into()),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {trials} | {bytes} | {commits} | {check} |\n",
+            r.label,
+            lat(&r.idle_visible),
+            lat(&r.pgbench_visible),
+        ));
+    }
+    s.push('\n');
+    s.push_str(&targets(rs));
+    s
+}
+
+/// The targets, each with the figures it was judged on.
+pub fn targets(rs: &[MethodResult]) -> String {
+    let find = |m: Method| rs.iter().find(|r| r.method == m);
+    let w1 = find(Method::Waltail { interval_ms: 1 });
+    let streaming = find(Method::Streaming);
+    let receivewal = find(Method::Receivewal);
+    let verdict = |ok: bool| if ok { "met" } else { "missed" };
+    let mut s = String::from("Targets:\n\n");
+    match (w1, streaming) {
+        (Some(w), Some(st)) => {
+            for (name, a, b) in [
+                ("idle", &w.idle, &st.idle),
+                ("under pgbench -c 4", &w.pgbench, &st.pgbench),
+            ] {
+                if let (Some(a), Some(b)) = (a, b) {
+                    s.push_str(&format!(
+                        "- commit-to-durable p50 {name}: waltail 1 ms {:.1} ms vs streaming {:.1} ms ({:.2}x; target within 2x): {}\n",
+                        a.p50_ms,
+                        b.p50_ms,
+                        a.p50_ms / b.p50_ms.max(1e-9),
+                        verdict(a.p50_ms <= 2.0 * b.p50_ms)
+                    ));
+                }
+            }
+        }
+        _ => s.push_str("- latency vs streaming: not measured (needs waltail-1 and streaming)\n"),
+    }
+    for r in rs
+        .iter()
+        .filter(|r| matches!(r.method, Method::Waltail { .. }))
+    {
+        if let Some(l) = &r.loss {
+            let within = l.within_one_interval.unwrap_or(0);
+            s.push_str(&format!(
+                "- loss window, {}: at most one interval's worth of WAL in {within} of {} trials (target at least 9 of 10): {}\n",
+                r.label,
+                l.trials.len(),
+                verdict(within * 10 >= l.trials.len() * 9)
+            ));
+        }
+    }
+    let best = rs
+        .iter()
+        .filter(|r| matches!(r.method, Method::Waltail { .. }))
+        .filter_map(|r| r.catch_up_mb_s)
+        .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
+    if let Some(c) = best {
+        s.push_str(&format!(
+            "- shipping ceiling (catch-up): {c:.0} MB/s (target 1024 MB/s): {}\n",
+            verdict(c >= 1024.0)
+        ));
+    }
+    let per = |r: &MethodResult, p: &str| {
+        r.cost
+            .iter()
+            .find(|c| c.process == p)
+            .map(|c| c.cpu_s_per_gb)
+    };
+    if let (Some(w), Some(rw)) = (w1, receivewal) {
+        if let (Some(rx), Some(tx), Some(base)) = (
+            per(w, "waltail receive"),
+            per(w, "waltail ship"),
+            per(rw, "pg_receivewal"),
+        ) {
+            s.push_str(&format!(
+                "- CPU per GB: waltail receive {rx:.2} s (ship {tx:.2} s, both {:.2} s) vs pg_receivewal {base:.2} s: receive {}, both {}\n",
+                rx + tx,
+                verdict(rx <= base),
+                verdict(rx + tx <= base)
+            ));
+        }
     }
     s
 }
