@@ -43,6 +43,15 @@ pub struct ReceiveConfig {
     pub idle_timeout: Duration,
     /// Connections served at once (streaming or handshaking).
     pub max_connections: usize,
+    /// New values of the limits on SIGHUP (see [`ReceiveLimits`]).
+    pub reload: Option<tokio::sync::watch::Receiver<ReceiveLimits>>,
+}
+
+/// The receiver's settings a SIGHUP can change while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiveLimits {
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
 }
 
 impl ReceiveConfig {
@@ -54,6 +63,7 @@ impl ReceiveConfig {
             tls: TlsOptions::default(),
             idle_timeout: Duration::from_secs(30),
             max_connections: 8,
+            reload: None,
         }
     }
 }
@@ -69,6 +79,16 @@ struct Shared {
 }
 
 impl Shared {
+    fn limits(&self) -> ReceiveLimits {
+        match &self.cfg.reload {
+            Some(r) => *r.borrow(),
+            None => ReceiveLimits {
+                idle_timeout: self.cfg.idle_timeout,
+                max_connections: self.cfg.max_connections,
+            },
+        }
+    }
+
     fn update_status(&self, f: impl FnOnce(&mut ReceiverStatus)) {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
@@ -121,6 +141,7 @@ impl Receiver {
                 "waiting"
             }
             .into(),
+            started_at_ms: now_ms(),
             ..Default::default()
         };
         let shared = Arc::new(Shared {
@@ -147,7 +168,8 @@ impl Receiver {
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         info!(listen = %self.local_addr(), spool = %self.shared.spool.dir.display(), "receiver listening");
-        let slots = Arc::new(Semaphore::new(self.shared.cfg.max_connections));
+        let mut max = self.shared.cfg.max_connections;
+        let slots = Arc::new(Semaphore::new(max));
         loop {
             let (sock, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -156,8 +178,15 @@ impl Receiver {
                     Err(e) => { warn!("accept failed: {e}"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
                 },
             };
+            let want = self.shared.limits().max_connections.max(1);
+            if want > max {
+                slots.add_permits(want - max);
+                max = want;
+            } else if want < max {
+                max -= slots.forget_permits(max - want);
+            }
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                warn!(%peer, "refused: {} connections already open", self.shared.cfg.max_connections);
+                warn!(%peer, "refused: {max} connections already open");
                 continue;
             };
             let shared = self.shared.clone();
@@ -182,7 +211,8 @@ impl Receiver {
         // Shut down cleanly: make what was written durable.
         let mut w = self.shared.writer.lock().await;
         if let Some(w) = w.as_mut() {
-            let _ = tokio::task::block_in_place(|| w.sync());
+            let _ =
+                tokio::task::block_in_place(|| crate::metrics::receive().time_fsync(|| w.sync()));
         }
         self.shared.update_status(|s| {
             s.state = "stopped".into();
@@ -206,7 +236,9 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
     };
     let (r, w) = tokio::io::split(io);
     let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+    crate::metrics::receive().connections.inc();
     if let Err(e) = server_auth(&mut r, &mut w, &shared.cfg.secret).await {
+        crate::metrics::receive().auth_failures.inc();
         warn!("refused unauthenticated peer: {e}");
         bail!("authentication: {e}");
     }
@@ -245,7 +277,10 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
         s.primary_flush_lsn = Some(hello.flush);
         s.primary_seen_at_ms = Some(now_ms());
         s.last_error = None;
+        s.connections += 1;
+        s.note_durable(position.map(|p| p.1), now_ms());
     });
+    crate::metrics::receive().connected.set(1);
     let r = stream(&shared, &mut r, &mut w, writer).await;
     if let Err(e) = &r {
         let _ = w
@@ -254,6 +289,7 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
             })
             .await;
     }
+    crate::metrics::receive().connected.set(0);
     shared.update_status(|s| {
         if s.state == "streaming" {
             s.state = "waiting".into();
@@ -313,17 +349,19 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    let idle = shared.cfg.idle_timeout;
+    let m = crate::metrics::receive();
     let mut lock_file = Some(open_write_lock(&shared.spool)?);
     let mut held: Option<nix::fcntl::Flock<std::fs::File>> = None;
     let mut last_status = 0u64;
     let mut bytes_written = 0u64;
     loop {
+        let idle = shared.limits().idle_timeout;
         let frame = match tokio::time::timeout(idle, r.read_frame()).await {
             Err(_) => bail!("no frame for {idle:?}: closing an idle connection"),
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(ProtoError::Frame(e))) => {
+                m.frames_rejected.inc();
                 bail!("rejected a bad frame, nothing of it written: {e}")
             }
             Ok(Err(e)) => return Err(e.into()),
@@ -346,6 +384,7 @@ where
                 tokio::task::block_in_place(|| writer.write(tli, start, &bytes))
                     .with_context(|| format!("writing {} bytes at {start}", bytes.len()))?;
                 bytes_written += bytes.len() as u64;
+                m.bytes_written.inc_by(bytes.len() as u64);
             }
             Frame::Heartbeat { flush, time_us: _ } => {
                 let now = now_ms();
@@ -357,7 +396,7 @@ where
                         s.primary_flush_lsn = Some(flush);
                         s.primary_seen_at_ms = Some(now);
                         s.timeline = durable.map(|d| d.0);
-                        s.durable_lsn = durable.map(|d| d.1);
+                        s.note_durable(durable.map(|d| d.1), now);
                         s.written_lsn = written.map(|d| d.1);
                         s.current_segment = seg;
                         s.bytes_written += bytes_written;
@@ -367,7 +406,9 @@ where
                     let mut s = shared.status.lock().unwrap_or_else(|p| p.into_inner());
                     s.primary_flush_lsn = Some(flush);
                     s.primary_seen_at_ms = Some(now);
+                    s.note_durable(None, now);
                 }
+                m.observe(Some(flush), None);
             }
             Frame::History { tli, content } => {
                 shared.spool.write_history(tli, &content)?;
@@ -377,7 +418,7 @@ where
         }
         // Nothing more waiting: make it durable and say so.
         if held.is_some() && !r.has_frame() {
-            let durable = tokio::task::block_in_place(|| writer.sync());
+            let durable = tokio::task::block_in_place(|| m.time_fsync(|| writer.sync()));
             let f = held
                 .take()
                 .expect("checked above")
@@ -387,6 +428,11 @@ where
             let durable = durable.context("making received WAL durable")?;
             let tli = writer.durable().map(|d| d.0).unwrap_or(TimelineId(1));
             w.send(&Frame::Ack { tli, durable }).await?;
+            m.acks.inc();
+            m.observe(None, Some(durable));
+            let mut s = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+            s.acks += 1;
+            s.note_durable(Some(durable), now_ms());
         }
     }
 }
