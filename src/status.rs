@@ -399,12 +399,11 @@ pub fn check(st: &Status, o: &CheckOptions) -> (u8, String) {
         _ => "UNKNOWN",
     };
     let summary = format!(
-        "durable {}, lag {} bytes / {} s, receiver {}",
+        "durable {}, lag {} bytes / {} s",
         opt(&st.durable_lsn),
         opt(&st.lag_bytes),
         st.lag_seconds
             .map_or("-".to_string(), |s| format!("{s:.1}")),
-        st.receiver_state
     );
     let t = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     let ts = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
@@ -421,12 +420,12 @@ pub fn check(st: &Status, o: &CheckOptions) -> (u8, String) {
     if let Some(r) = st.replay_lag_bytes {
         perf.push_str(&format!(" replay_lag_bytes={r}B;;;0;"));
     }
-    let reasons = if why.is_empty() {
-        String::new()
+    let head = if why.is_empty() {
+        format!("receiver {}", st.receiver_state)
     } else {
-        format!(": {}", why.join("; "))
+        why.join("; ")
     };
-    let line = format!("WALTAIL {label} - {summary}{reasons} | {perf}").replace('\n', " ");
+    let line = format!("WALTAIL {label} - {head}; {summary} | {perf}").replace('\n', " ");
     (code, line)
 }
 
