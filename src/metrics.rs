@@ -77,14 +77,14 @@ impl ShipMetrics {
     pub fn observe(&self, flush: Lsn, shipped: Lsn, durable: Option<Lsn>) {
         set_lsn(&self.primary_flush_lsn, flush);
         set_lsn(&self.shipped_lsn, shipped);
-        if let Some(d) = durable {
-            set_lsn(&self.durable_lsn, d);
-        }
+        // Before the receiver has acked anything there is no lag to speak of.
+        let Some(d) = durable else { return };
+        set_lsn(&self.durable_lsn, d);
         let (b, s) = self
             .lag
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .observe(flush, durable);
+            .observe(flush, Some(d));
         self.lag_bytes.set(b.min(i64::MAX as u64) as i64);
         self.lag_seconds.set(s);
     }
@@ -202,7 +202,13 @@ impl ReceiveMetrics {
         }
         let Some(flush) = flush else { return };
         set_lsn(&self.primary_flush_lsn, flush);
-        let durable = durable.or_else(|| Some(Lsn(self.durable_lsn.get() as u64)));
+        let durable = durable.or_else(|| {
+            let d = self.durable_lsn.get();
+            (d > 0).then_some(Lsn(d as u64))
+        });
+        if durable.is_none() {
+            return;
+        }
         let (b, s) = self
             .lag
             .lock()

@@ -408,12 +408,12 @@ pub fn check(st: &Status, o: &CheckOptions) -> (u8, String) {
     let t = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     let ts = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
     let mut perf = format!(
-        "lag_bytes={}B;{};{};0; lag_seconds={}s;{};{};0;",
-        st.lag_bytes.map_or("U".to_string(), |b| b.to_string()),
+        "lag_bytes={};{};{};0; lag_seconds={};{};{};0;",
+        st.lag_bytes.map_or("U".to_string(), |b| format!("{b}B")),
         t(o.warning.bytes),
         t(o.critical.bytes),
         st.lag_seconds
-            .map_or("U".to_string(), |s| format!("{s:.3}")),
+            .map_or("U".to_string(), |s| format!("{s:.3}s")),
         ts(o.warning.seconds),
         ts(o.critical.seconds),
     );
@@ -432,6 +432,75 @@ pub fn check(st: &Status, o: &CheckOptions) -> (u8, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn streaming() -> Status {
+        Status {
+            spool: "/s".into(),
+            receiver_running: true,
+            receiver_pid: Some(1),
+            receiver_state: "streaming".into(),
+            connection: "connected".into(),
+            peer: None,
+            fenced: false,
+            timeline: Some(TimelineId(1)),
+            current_segment: None,
+            primary_flush_lsn: Some(Lsn(100)),
+            primary_flush_source: Some("primary".into()),
+            shipped_lsn: Some(Lsn(100)),
+            durable_lsn: Some(Lsn(100)),
+            replay_lsn: None,
+            lag_bytes: Some(0),
+            lag_seconds: Some(0.0),
+            replay_lag_bytes: None,
+            seconds_since_primary_heard: Some(0.1),
+            seconds_since_durable_advance: Some(0.1),
+            seconds_since_status_update: Some(0.1),
+            acks: 1,
+            bytes_written: 1,
+            last_error: None,
+            errors: vec![],
+        }
+    }
+
+    #[test]
+    fn check_verdicts() {
+        let o = CheckOptions {
+            warning: "16MB,10s".parse().unwrap(),
+            critical: "256MB,60s".parse().unwrap(),
+            stale_after: Duration::from_secs(10),
+        };
+        let (code, line) = check(&streaming(), &o);
+        assert_eq!(code, NAGIOS_OK, "{line}");
+        assert!(
+            line.starts_with("WALTAIL OK - receiver streaming;"),
+            "{line}"
+        );
+        assert!(
+            line.contains("| lag_bytes=0B;16777216;268435456;0; lag_seconds=0.000s;10;60;0;"),
+            "{line}"
+        );
+        let mut s = streaming();
+        s.lag_seconds = Some(11.0);
+        s.lag_bytes = Some(5);
+        assert_eq!(check(&s, &o).0, NAGIOS_WARNING);
+        s.lag_bytes = Some(300 << 20);
+        assert_eq!(check(&s, &o).0, NAGIOS_CRITICAL);
+        let mut s = streaming();
+        s.seconds_since_primary_heard = Some(30.0);
+        assert_eq!(check(&s, &o).0, NAGIOS_WARNING);
+        let mut s = streaming();
+        s.connection = "disconnected".into();
+        assert_eq!(check(&s, &o).0, NAGIOS_WARNING);
+        let mut s = streaming();
+        s.fenced = true;
+        assert_eq!(check(&s, &o).0, NAGIOS_CRITICAL);
+        let mut s = streaming();
+        s.lag_bytes = None;
+        s.lag_seconds = None;
+        let (code, line) = check(&s, &o);
+        assert_eq!(code, NAGIOS_UNKNOWN, "{line}");
+        assert!(line.contains("lag_bytes=U;"), "{line}");
+    }
 
     #[test]
     fn thresholds_parse() {
