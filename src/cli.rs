@@ -404,6 +404,9 @@ type LogHandle =
 
 static LOG_HANDLE: std::sync::OnceLock<LogHandle> = std::sync::OnceLock::new();
 
+/// Whether stderr carries JSON log lines (`--log-format json`).
+static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 const DEFAULT_LOG: &str = "info,tokio_postgres=warn";
 
 /// The log filter: `WALTAIL_LOG`, else the config file's `log_level`, else the default.
@@ -428,7 +431,10 @@ fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => reg.with(fmt).try_init(),
-        LogFormat::Json => reg.with(fmt.json()).try_init(),
+        LogFormat::Json => {
+            LOG_JSON.store(true, std::sync::atomic::Ordering::Relaxed);
+            reg.with(fmt.json()).try_init()
+        }
     };
     Ok(())
 }
@@ -536,7 +542,12 @@ fn bad_input(cmd: &str, e: impl std::fmt::Display) -> u8 {
 }
 
 fn failed(cmd: &str, e: &anyhow::Error) -> u8 {
-    eprintln!("waltail {cmd}: {e:#}");
+    if LOG_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        // One JSON object per line on stderr, like every other log line.
+        tracing::error!("waltail {cmd}: {e:#}");
+    } else {
+        eprintln!("waltail {cmd}: {e:#}");
+    }
     EXIT_FAILED
 }
 

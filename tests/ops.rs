@@ -523,4 +523,20 @@ fn json_logs_are_one_object_a_line() {
         n += 1;
     }
     assert!(n >= 2, "{log}");
+    // A fatal error is a JSON line too.
+    let out = waltail(&[
+        "receive",
+        "--log-format",
+        "json",
+        "--listen",
+        "256.0.0.1:1",
+        "--spool",
+        spool.to_str().unwrap(),
+        "--insecure-no-auth",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let last = err.lines().last().unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(v["level"], "ERROR", "{err}");
 }
