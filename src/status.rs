@@ -181,7 +181,14 @@ pub async fn gather(o: &StatusOptions) -> Result<Status, StatusError> {
         peer: if streaming { rs.peer.clone() } else { None },
         fenced,
         timeline: position.map(|p| p.0).or(rs.timeline),
-        current_segment: rs.current_segment.clone(),
+        // The segment the durable position is in (the receiver's own word
+        // for it is up to its status cadence old).
+        current_segment: match (position, spool.seg_size()) {
+            (Some((tli, lsn)), Ok(size)) => {
+                Some(crate::wal::SegmentName::of_lsn(tli, lsn, size).file_name(size))
+            }
+            _ => rs.current_segment.clone(),
+        },
         primary_flush_lsn: primary_flush,
         primary_flush_source: source,
         shipped_lsn: rs.written_lsn.max(durable),
