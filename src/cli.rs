@@ -6,14 +6,23 @@
 //! |------|---------|
 //! | 0 | success |
 //! | 1 | the operation failed (server unreachable, I/O error, refused) |
-//! | 2 | bad input: a bad argument, or a file that is not what it should be |
+//! | 2 | bad input: a bad argument, a bad config file, or a file that is not what it should be |
+//!
+//! `waltail check` is the exception: it exits with the Nagios codes 0 OK,
+//! 1 WARNING, 2 CRITICAL, 3 UNKNOWN (bad arguments included).
+//!
+//! Roles with a config file (`--config`, see [`crate::config`]) merge it under
+//! the command line here; `ship` and `receive` reload parts of it on SIGHUP.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{self, explicit, merge, merge_dur, merge_opt, merge_opt_dur};
 
 use crate::proto::tls::TlsOptions;
 use crate::proto::Secret;
@@ -43,6 +52,9 @@ pub struct Cli {
         env = "WALTAIL_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
+    /// The role's TOML config file; flags and environment variables override it (see docs/config/).
+    #[arg(long, global = true, env = "WALTAIL_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -60,11 +72,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Args, Debug, Clone)]
 pub struct AuthArgs {
     /// File holding the shared secret (the same file on both hosts).
-    #[arg(
-        long,
-        env = "WALTAIL_SECRET_FILE",
-        required_unless_present = "insecure_no_auth"
-    )]
+    #[arg(long, env = "WALTAIL_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
     /// Run without authentication. For local demos only: anyone who can reach
     /// the receiver could write WAL into the standby's spool.
@@ -87,10 +95,34 @@ impl AuthArgs {
         match (&self.secret_file, self.insecure_no_auth) {
             (_, true) => Ok(Secret::insecure_none()),
             (Some(p), false) => Secret::from_file(p),
-            (None, false) => {
-                Err("--secret-file is required (or --insecure-no-auth for a local demo)".into())
-            }
+            (None, false) => Err(
+                "--secret-file is required (or `secret_file` in the config file; --insecure-no-auth for a local demo)"
+                    .into(),
+            ),
         }
+    }
+
+    /// Takes the config file's values where the command line set none.
+    #[allow(clippy::too_many_arguments)]
+    fn merge(
+        &mut self,
+        m: &ArgMatches,
+        secret_file: Option<PathBuf>,
+        insecure_no_auth: Option<bool>,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        tls_ca: Option<PathBuf>,
+    ) {
+        merge_opt(m, "secret_file", &mut self.secret_file, secret_file);
+        merge(
+            m,
+            "insecure_no_auth",
+            &mut self.insecure_no_auth,
+            insecure_no_auth,
+        );
+        merge_opt(m, "tls_cert", &mut self.tls_cert, tls_cert);
+        merge_opt(m, "tls_key", &mut self.tls_key, tls_key);
+        merge_opt(m, "tls_ca", &mut self.tls_ca, tls_ca);
     }
     pub fn tls(&self) -> TlsOptions {
         TlsOptions {
@@ -134,7 +166,7 @@ pub enum Command {
         /// %p: where to put it.
         dest: PathBuf,
         #[arg(long, env = "WALTAIL_SPOOL")]
-        spool: PathBuf,
+        spool: Option<PathBuf>,
         /// recovery.signal style: wait until the segment is complete, or a failover ends the wait.
         #[arg(long)]
         wait: bool,
@@ -153,7 +185,7 @@ pub enum Command {
         /// %r: the oldest segment to keep.
         oldest_kept: String,
         #[arg(long, env = "WALTAIL_SPOOL")]
-        spool: PathBuf,
+        spool: Option<PathBuf>,
         /// Only print what would be removed.
         #[arg(long)]
         dry_run: bool,
@@ -164,7 +196,7 @@ pub enum Command {
     )]
     Failover {
         #[arg(long, env = "WALTAIL_SPOOL")]
-        spool: PathBuf,
+        spool: Option<PathBuf>,
         /// conninfo of the standby to promote (without it, only the spool is finalized).
         #[arg(long)]
         standby: Option<String>,
@@ -180,6 +212,34 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// How far the standby host is behind the primary: LSNs, lag, connection, last error.
+    #[command(
+        after_help = "Example:\n  waltail status --spool /var/lib/waltail/spool \\\n      --primary 'host=primary.example.com user=postgres' --standby 'host=/var/run/postgresql user=postgres' --json\n\nLag in seconds: 0 while the spool durably holds the primary's flush position, else the time since it last did.\nWithout --primary the primary's flush position is the one the shipper last reported.\nExit codes: 0 printed, 1 printed but --primary or --standby could not be asked, 2 bad arguments or no spool."
+    )]
+    Status {
+        #[command(flatten)]
+        target: StatusTarget,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Nagios/Icinga check of the ship/receive pair: one line with perfdata.
+    #[command(
+        after_help = "Example:\n  waltail check --spool /var/lib/waltail/spool --primary 'host=primary.example.com user=postgres' \\\n      --warning 16MB,10s --critical 256MB,60s\n\nA threshold is reached when the lag is at or above it. Receiver not running or spool fenced: CRITICAL;\nno shipper connected or no heartbeat for --stale-after: WARNING.\nExit codes (Nagios): 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (no spool, a server that cannot be asked, bad arguments)."
+    )]
+    Check {
+        #[command(flatten)]
+        target: StatusTarget,
+        /// Warning threshold: bytes and/or seconds of lag, like 16MB,10s.
+        #[arg(long, default_value = "16MB,10s")]
+        warning: String,
+        /// Critical threshold: bytes and/or seconds of lag, like 256MB,60s.
+        #[arg(long, default_value = "256MB,60s")]
+        critical: String,
+        /// No heartbeat from the shipper for this long is a WARNING.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        stale_after: Duration,
     },
     /// Throwaway primary + standby on this machine: ship, load, kill the primary, fail over, report.
     #[command(
@@ -245,6 +305,28 @@ pub enum Command {
     },
 }
 
+/// What `status` and `check` look at.
+#[derive(Args, Debug, Clone)]
+pub struct StatusTarget {
+    /// The spool directory the receiver writes.
+    #[arg(long, env = "WALTAIL_SPOOL")]
+    pub spool: Option<PathBuf>,
+    /// conninfo of the primary: its flush LSN is queried now (else the shipper's last heartbeat counts).
+    #[arg(long, env = "WALTAIL_PRIMARY")]
+    pub primary: Option<String>,
+    /// conninfo of the standby server: its replay LSN is shown.
+    #[arg(long, env = "WALTAIL_STANDBY")]
+    pub standby: Option<String>,
+}
+
+impl StatusTarget {
+    fn merge(&mut self, m: &ArgMatches, f: &config::StatusFile) {
+        merge_opt(m, "spool", &mut self.spool, f.spool.clone());
+        merge_opt(m, "primary", &mut self.primary, f.primary.clone());
+        merge_opt(m, "standby", &mut self.standby, f.standby.clone());
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ShipArgs {
     /// libpq conninfo of the primary; PGHOST, PGPORT, PGUSER, PGDATABASE fill in what it leaves out.
@@ -252,7 +334,7 @@ pub struct ShipArgs {
     pub primary: String,
     /// The receiver, as host:port.
     #[arg(long, env = "WALTAIL_RECEIVER")]
-    pub receiver: String,
+    pub receiver: Option<String>,
     /// How often to poll the flush position (1ms to 10s).
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     pub interval: Duration,
@@ -268,6 +350,9 @@ pub struct ShipArgs {
     /// The primary's pg_wal directory (default: <data_directory>/pg_wal).
     #[arg(long)]
     pub pg_wal: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (GET /metrics), like 127.0.0.1:9187.
+    #[arg(long, env = "WALTAIL_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     #[command(flatten)]
     pub auth: AuthArgs,
 }
@@ -276,38 +361,143 @@ pub struct ShipArgs {
 pub struct ReceiveArgs {
     /// Address to listen on.
     #[arg(long, env = "WALTAIL_LISTEN")]
-    pub listen: String,
+    pub listen: Option<String>,
     /// Spool directory (created 0700).
     #[arg(long, env = "WALTAIL_SPOOL")]
-    pub spool: PathBuf,
+    pub spool: Option<PathBuf>,
     /// Close a streaming connection after this long without a frame.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
     /// Connections served at once.
     #[arg(long, default_value_t = 8)]
     pub max_connections: usize,
+    /// Serve Prometheus metrics on this address (GET /metrics), like 127.0.0.1:9188.
+    #[arg(long, env = "WALTAIL_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     #[command(flatten)]
     pub auth: AuthArgs,
 }
 
 /// Runs the command line; the binary's `main` is only this.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
-    ExitCode::from(run(cli))
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let is_check = std::env::args().nth(1).as_deref() == Some("check");
+            if is_check && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let msg = e.to_string();
+                let first = msg.lines().next().unwrap_or("bad arguments");
+                println!("WALTAIL UNKNOWN - {}", first.trim_start_matches("error: "));
+                return ExitCode::from(crate::status::NAGIOS_UNKNOWN);
+            }
+            e.exit()
+        }
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let sub = matches
+        .subcommand()
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default();
+    ExitCode::from(run(cli, &sub))
 }
 
-fn init_logging(format: LogFormat) {
+type LogHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+static LOG_HANDLE: std::sync::OnceLock<LogHandle> = std::sync::OnceLock::new();
+
+/// Whether stderr carries JSON log lines (`--log-format json`).
+static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+const DEFAULT_LOG: &str = "info,tokio_postgres=warn";
+
+/// The log filter: `WALTAIL_LOG`, else the config file's `log_level`, else the default.
+fn log_filter(level: Option<&str>) -> Result<tracing_subscriber::EnvFilter, String> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WALTAIL_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    if let Ok(f) = EnvFilter::try_from_env("WALTAIL_LOG") {
+        return Ok(f);
+    }
+    match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("key `log_level` = {l:?}: {e}")),
+        None => Ok(EnvFilter::new(DEFAULT_LOG)),
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = log_filter(level)?;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let _ = LOG_HANDLE.set(handle);
+    let reg = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => b.try_init(),
-        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => reg.with(fmt).try_init(),
+        LogFormat::Json => {
+            LOG_JSON.store(true, std::sync::atomic::Ordering::Relaxed);
+            reg.with(fmt.json()).try_init()
+        }
     };
+    Ok(())
+}
+
+/// Applies a reloaded `log_level` (unless `WALTAIL_LOG` pins it).
+fn reload_log_level(level: Option<&str>) {
+    let Some(h) = LOG_HANDLE.get() else { return };
+    match log_filter(level) {
+        Ok(f) => {
+            let shown = f.to_string();
+            if h.modify(|cur| *cur = f).is_ok() {
+                info!("log level now {shown}");
+            }
+        }
+        Err(e) => warn!("SIGHUP: {e}; keeping the log level"),
+    }
+}
+
+/// Loads the role's config file, if one was given.
+fn load_file<T: Default + for<'de> serde::Deserialize<'de>>(
+    path: &Option<PathBuf>,
+) -> Result<T, config::ConfigError> {
+    match path {
+        Some(p) => config::load(p),
+        None => Ok(T::default()),
+    }
+}
+
+/// Runs `f` on every SIGHUP (which then no longer ends the process).
+fn on_sighup(rt: &tokio::runtime::Runtime, mut f: impl FnMut() + Send + 'static) {
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            f();
+        }
+    });
+}
+
+/// Re-reads a role's config file on SIGHUP; None (logged) when it cannot be used.
+fn reread<T: for<'de> serde::Deserialize<'de>>(path: &Option<PathBuf>) -> Option<T> {
+    let Some(p) = path else {
+        info!("SIGHUP: no config file (--config); nothing to reload");
+        return None;
+    };
+    match config::load(p) {
+        Ok(f) => {
+            info!("SIGHUP: reloading {}", p.display());
+            Some(f)
+        }
+        Err(e) => {
+            warn!("SIGHUP: {e}; keeping the running configuration");
+            None
+        }
+    }
 }
 
 /// A runtime, and a token cancelled by SIGTERM or SIGINT.
@@ -358,29 +548,121 @@ fn bad_input(cmd: &str, e: impl std::fmt::Display) -> u8 {
 }
 
 fn failed(cmd: &str, e: &anyhow::Error) -> u8 {
-    eprintln!("waltail {cmd}: {e:#}");
+    if LOG_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        // One JSON object per line on stderr, like every other log line.
+        tracing::error!("waltail {cmd}: {e:#}");
+    } else {
+        eprintln!("waltail {cmd}: {e:#}");
+    }
     EXIT_FAILED
 }
 
-fn run(cli: Cli) -> u8 {
+fn run(cli: Cli, sub: &ArgMatches) -> u8 {
+    let format = cli.log_format;
+    let path = cli.config.clone();
+    macro_rules! logging {
+        ($cmd:expr, $level:expr) => {
+            if let Err(e) = init_logging(format, $level) {
+                return bad_input(
+                    $cmd,
+                    match &path {
+                        Some(p) => format!("config file {}, {e}", p.display()),
+                        None => e,
+                    },
+                );
+            }
+        };
+    }
+    macro_rules! file {
+        ($cmd:expr) => {
+            match load_file(&path) {
+                Ok(f) => f,
+                Err(e) => return bad_input($cmd, e),
+            }
+        };
+    }
+    if matches!(
+        cli.command,
+        Command::InitStandby { .. }
+            | Command::Demo { .. }
+            | Command::Bench { .. }
+            | Command::Inspect { .. }
+    ) {
+        let _ = init_logging(format, None);
+    }
     match cli.command {
-        Command::Ship(a) => {
+        Command::Ship(mut a) => {
+            let f: config::ShipFile = file!("ship");
+            let m = sub;
+            merge(m, "primary", &mut a.primary, f.primary);
+            merge_opt(m, "receiver", &mut a.receiver, f.receiver);
+            merge_dur(m, "interval", &mut a.interval, f.interval);
+            merge(m, "slot", &mut a.slot, f.slot);
+            merge(m, "no_slot", &mut a.no_slot, f.no_slot);
+            merge_opt(m, "start_lsn", &mut a.start_lsn, f.start_lsn);
+            merge_opt(m, "pg_wal", &mut a.pg_wal, f.pg_wal);
+            merge_opt(m, "metrics_addr", &mut a.metrics_addr, f.metrics_addr);
+            a.auth.merge(
+                m,
+                f.secret_file,
+                f.insecure_no_auth,
+                f.tls_cert,
+                f.tls_key,
+                f.tls_ca,
+            );
+            logging!("ship", f.log_level.as_deref());
             if a.interval < Duration::from_millis(1) || a.interval > Duration::from_secs(10) {
                 return bad_input("ship", "--interval must be between 1ms and 10s");
             }
+            let Some(receiver) = a.receiver.clone() else {
+                return bad_input(
+                    "ship",
+                    "--receiver is required (or WALTAIL_RECEIVER, or `receiver` in the config file)",
+                );
+            };
+            let metrics = match a.metrics_addr.as_deref().map(crate::metrics::parse_addr) {
+                None => None,
+                Some(Ok(addr)) => Some(addr),
+                Some(Err(e)) => return bad_input("ship", e),
+            };
             let secret = match a.auth.secret() {
                 Ok(s) => s,
                 Err(e) => return bad_input("ship", e),
             };
-            let mut cfg = crate::ship::ShipConfig::new(&a.primary, &a.receiver, secret);
+            let mut cfg = crate::ship::ShipConfig::new(&a.primary, &receiver, secret);
             cfg.tls = a.auth.tls();
             cfg.interval = a.interval;
             cfg.slot = (!a.no_slot).then_some(a.slot);
             cfg.start_lsn = a.start_lsn;
             cfg.pg_wal = a.pg_wal;
+            let (itx, irx) = tokio::sync::watch::channel(a.interval);
+            cfg.reload_interval = Some(irx);
             let (rt, token) = runtime_single();
+            let m = m.clone();
+            let p = path.clone();
+            on_sighup(&rt, move || {
+                let Some(f) = reread::<config::ShipFile>(&p) else {
+                    return;
+                };
+                if explicit(&m, "interval") {
+                    info!("SIGHUP: interval is set on the command line; keeping it");
+                } else {
+                    let every = f.interval.map_or(Duration::from_millis(10), |d| d.0);
+                    if every < Duration::from_millis(1) || every > Duration::from_secs(10) {
+                        warn!("SIGHUP: interval must be between 1ms and 10s; keeping it");
+                    } else {
+                        itx.send_if_modified(|cur| std::mem::replace(cur, every) != every);
+                    }
+                }
+                reload_log_level(f.log_level.as_deref());
+            });
             let (tx, _rx) = tokio::sync::watch::channel(Default::default());
-            match rt.block_on(crate::ship::run(cfg, token, tx)) {
+            match rt.block_on(async move {
+                if let Some(addr) = metrics {
+                    crate::metrics::serve(addr, crate::metrics::Role::Ship).await?;
+                }
+                crate::ship::run(cfg, token, tx).await
+            }) {
                 Ok(()) => EXIT_OK,
                 Err(e) => failed("ship", &e),
             }
@@ -388,11 +670,23 @@ fn run(cli: Cli) -> u8 {
         Command::Restore {
             file,
             dest,
-            spool,
-            wait,
-            poll,
-            max_wait,
+            mut spool,
+            mut wait,
+            mut poll,
+            mut max_wait,
         } => {
+            let f: config::RestoreFile = file!("restore");
+            merge_opt(sub, "spool", &mut spool, f.spool);
+            merge(sub, "wait", &mut wait, f.wait);
+            merge_dur(sub, "poll", &mut poll, f.poll);
+            merge_opt_dur(sub, "max_wait", &mut max_wait, f.max_wait);
+            logging!("restore", f.log_level.as_deref());
+            let Some(spool) = spool else {
+                return bad_input(
+                    "restore",
+                    "--spool is required (or `spool` in the config file)",
+                );
+            };
             let req = crate::restore::RestoreRequest {
                 file,
                 dest,
@@ -412,31 +706,54 @@ fn run(cli: Cli) -> u8 {
         }
         Command::Cleanup {
             oldest_kept,
-            spool,
+            mut spool,
             dry_run,
-        } => match crate::restore::cleanup(&spool, &oldest_kept, dry_run) {
-            Ok(removed) => {
-                for r in removed {
-                    if dry_run {
-                        println!("would remove {r}");
+        } => {
+            let f: config::RestoreFile = file!("cleanup");
+            merge_opt(sub, "spool", &mut spool, f.spool);
+            logging!("cleanup", f.log_level.as_deref());
+            let Some(spool) = spool else {
+                return bad_input(
+                    "cleanup",
+                    "--spool is required (or `spool` in the config file)",
+                );
+            };
+            match crate::restore::cleanup(&spool, &oldest_kept, dry_run) {
+                Ok(removed) => {
+                    for r in removed {
+                        if dry_run {
+                            println!("would remove {r}");
+                        }
                     }
+                    EXIT_OK
                 }
-                EXIT_OK
+                Err(crate::restore::RestoreError::BadArgs(e)) => bad_input("cleanup", e),
+                Err(e) => {
+                    eprintln!("waltail cleanup: {e}");
+                    EXIT_FAILED
+                }
             }
-            Err(crate::restore::RestoreError::BadArgs(e)) => bad_input("cleanup", e),
-            Err(e) => {
-                eprintln!("waltail cleanup: {e}");
-                EXIT_FAILED
-            }
-        },
+        }
         Command::Failover {
-            spool,
-            standby,
+            mut spool,
+            mut standby,
             force,
-            alive_window,
-            timeout,
+            mut alive_window,
+            mut timeout,
             json,
         } => {
+            let f: config::FailoverFile = file!("failover");
+            merge_opt(sub, "spool", &mut spool, f.spool);
+            merge_opt(sub, "standby", &mut standby, f.standby);
+            merge_dur(sub, "alive_window", &mut alive_window, f.alive_window);
+            merge_dur(sub, "timeout", &mut timeout, f.timeout);
+            logging!("failover", f.log_level.as_deref());
+            let Some(spool) = spool else {
+                return bad_input(
+                    "failover",
+                    "--spool is required (or `spool` in the config file)",
+                );
+            };
             let cfg = crate::failover::FailoverConfig {
                 spool,
                 standby,
@@ -455,6 +772,91 @@ fn run(cli: Cli) -> u8 {
                     EXIT_OK
                 }
                 Err(e) => failed("failover", &e),
+            }
+        }
+        Command::Status { mut target, json } => {
+            let f: config::StatusFile = file!("status");
+            target.merge(sub, &f);
+            logging!("status", f.log_level.as_deref());
+            let Some(spool) = target.spool.clone() else {
+                return bad_input(
+                    "status",
+                    "--spool is required (or `spool` in the config file)",
+                );
+            };
+            let o = crate::status::StatusOptions {
+                spool,
+                primary: target.primary,
+                standby: target.standby,
+            };
+            match runtime().0.block_on(crate::status::gather(&o)) {
+                Ok(st) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&st).unwrap_or_default());
+                    } else {
+                        print!("{}", st.to_text());
+                    }
+                    if st.errors.is_empty() {
+                        EXIT_OK
+                    } else {
+                        EXIT_FAILED
+                    }
+                }
+                Err(e) => bad_input("status", e),
+            }
+        }
+        Command::Check {
+            mut target,
+            mut warning,
+            mut critical,
+            mut stale_after,
+        } => {
+            use crate::status::{Threshold, NAGIOS_UNKNOWN};
+            let unknown = |e: String| {
+                println!("WALTAIL UNKNOWN - {}", e.replace('\n', " "));
+                NAGIOS_UNKNOWN
+            };
+            let f: config::StatusFile = match load_file(&path) {
+                Ok(f) => f,
+                Err(e) => return unknown(e.to_string()),
+            };
+            target.merge(sub, &f);
+            merge(sub, "warning", &mut warning, f.warning.clone());
+            merge(sub, "critical", &mut critical, f.critical.clone());
+            merge_dur(sub, "stale_after", &mut stale_after, f.stale_after);
+            if let Err(e) = init_logging(format, f.log_level.as_deref()) {
+                return unknown(e);
+            }
+            let Some(spool) = target.spool.clone() else {
+                return unknown("--spool is required (or `spool` in the config file)".into());
+            };
+            let parse = |name: &str, v: &str| -> Result<Threshold, String> {
+                v.parse().map_err(|e| format!("--{name}: {e}"))
+            };
+            let (warning, critical) =
+                match (parse("warning", &warning), parse("critical", &critical)) {
+                    (Ok(w), Ok(c)) => (w, c),
+                    (Err(e), _) | (_, Err(e)) => return unknown(e),
+                };
+            let o = crate::status::StatusOptions {
+                spool,
+                primary: target.primary,
+                standby: target.standby,
+            };
+            match runtime().0.block_on(crate::status::gather(&o)) {
+                Ok(st) => {
+                    let (code, line) = crate::status::check(
+                        &st,
+                        &crate::status::CheckOptions {
+                            warning,
+                            critical,
+                            stale_after,
+                        },
+                    );
+                    println!("{line}");
+                    code
+                }
+                Err(e) => unknown(e.to_string()),
             }
         }
         Command::InitStandby {
@@ -550,17 +952,80 @@ fn run(cli: Cli) -> u8 {
                 Err(e) => failed("bench", &e),
             }
         }
-        Command::Receive(a) => {
+        Command::Receive(mut a) => {
+            let f: config::ReceiveFile = file!("receive");
+            let m = sub;
+            merge_opt(m, "listen", &mut a.listen, f.listen);
+            merge_opt(m, "spool", &mut a.spool, f.spool);
+            merge_dur(m, "idle_timeout", &mut a.idle_timeout, f.idle_timeout);
+            merge(
+                m,
+                "max_connections",
+                &mut a.max_connections,
+                f.max_connections,
+            );
+            merge_opt(m, "metrics_addr", &mut a.metrics_addr, f.metrics_addr);
+            a.auth.merge(
+                m,
+                f.secret_file,
+                f.insecure_no_auth,
+                f.tls_cert,
+                f.tls_key,
+                f.tls_ca,
+            );
+            logging!("receive", f.log_level.as_deref());
+            let (Some(listen), Some(spool)) = (a.listen.clone(), a.spool.clone()) else {
+                return bad_input(
+                    "receive",
+                    "--listen and --spool are required (or `listen` and `spool` in the config file)",
+                );
+            };
+            let metrics = match a.metrics_addr.as_deref().map(crate::metrics::parse_addr) {
+                None => None,
+                Some(Ok(addr)) => Some(addr),
+                Some(Err(e)) => return bad_input("receive", e),
+            };
             let secret = match a.auth.secret() {
                 Ok(s) => s,
                 Err(e) => return bad_input("receive", e),
             };
-            let mut cfg = crate::receive::ReceiveConfig::new(&a.listen, a.spool, secret);
+            let mut cfg = crate::receive::ReceiveConfig::new(&listen, spool, secret);
             cfg.tls = a.auth.tls();
             cfg.idle_timeout = a.idle_timeout;
             cfg.max_connections = a.max_connections.max(1);
+            let limits = crate::receive::ReceiveLimits {
+                idle_timeout: cfg.idle_timeout,
+                max_connections: cfg.max_connections,
+            };
+            let (ltx, lrx) = tokio::sync::watch::channel(limits);
+            cfg.reload = Some(lrx);
             let (rt, token) = runtime();
+            let m = m.clone();
+            let p = path.clone();
+            on_sighup(&rt, move || {
+                let Some(f) = reread::<config::ReceiveFile>(&p) else {
+                    return;
+                };
+                let mut l = *ltx.borrow();
+                if !explicit(&m, "idle_timeout") {
+                    l.idle_timeout = f.idle_timeout.map_or(Duration::from_secs(30), |d| d.0);
+                }
+                if !explicit(&m, "max_connections") {
+                    l.max_connections = f.max_connections.unwrap_or(8).max(1);
+                }
+                if ltx.send_if_modified(|cur| std::mem::replace(cur, l) != l) {
+                    info!(
+                        "limits now idle_timeout {}, max_connections {}",
+                        humantime::format_duration(l.idle_timeout),
+                        l.max_connections
+                    );
+                }
+                reload_log_level(f.log_level.as_deref());
+            });
             let r = rt.block_on(async move {
+                if let Some(addr) = metrics {
+                    crate::metrics::serve(addr, crate::metrics::Role::Receive).await?;
+                }
                 let rx = crate::receive::Receiver::bind(cfg).await?;
                 rx.run(token).await
             });

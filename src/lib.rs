@@ -4,15 +4,20 @@
 //! * [`wal`]: the WAL format (LSNs, names, pages, records, the scanner);
 //! * [`inspect`]: `waltail inspect`, a report on one segment file;
 //! * [`pg`]: running and talking to PostgreSQL servers;
-//! * [`cli`]: command-line parsing and exit codes.
+//! * [`cli`]: command-line parsing and exit codes;
+//! * [`config`]: the roles' TOML config files;
+//! * [`status`]: `waltail status` and `waltail check`;
+//! * [`metrics`]: the Prometheus metrics and their endpoint.
 
 pub mod bench;
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod failover;
 pub mod fsio;
 pub mod inspect;
 pub mod load;
+pub mod metrics;
 pub mod pg;
 pub mod proto;
 pub mod receive;
@@ -20,4 +25,5 @@ pub mod restore;
 pub mod ship;
 pub mod spool;
 pub mod standby;
+pub mod status;
 pub mod wal;

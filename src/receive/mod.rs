@@ -46,6 +46,15 @@ pub struct ReceiveConfig {
     pub idle_timeout: Duration,
     /// Connections served at once (streaming or handshaking).
     pub max_connections: usize,
+    /// New values of the limits on SIGHUP (see [`ReceiveLimits`]).
+    pub reload: Option<tokio::sync::watch::Receiver<ReceiveLimits>>,
+}
+
+/// The receiver's settings a SIGHUP can change while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiveLimits {
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
 }
 
 impl ReceiveConfig {
@@ -57,6 +66,7 @@ impl ReceiveConfig {
             tls: TlsOptions::default(),
             idle_timeout: Duration::from_secs(30),
             max_connections: 8,
+            reload: None,
         }
     }
 }
@@ -72,6 +82,16 @@ struct Shared {
 }
 
 impl Shared {
+    fn limits(&self) -> ReceiveLimits {
+        match &self.cfg.reload {
+            Some(r) => *r.borrow(),
+            None => ReceiveLimits {
+                idle_timeout: self.cfg.idle_timeout,
+                max_connections: self.cfg.max_connections,
+            },
+        }
+    }
+
     fn update_status(&self, f: impl FnOnce(&mut ReceiverStatus)) {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
@@ -124,6 +144,7 @@ impl Receiver {
                 "waiting"
             }
             .into(),
+            started_at_ms: now_ms(),
             ..Default::default()
         };
         let shared = Arc::new(Shared {
@@ -150,7 +171,8 @@ impl Receiver {
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         info!(listen = %self.local_addr(), spool = %self.shared.spool.dir.display(), "receiver listening");
-        let slots = Arc::new(Semaphore::new(self.shared.cfg.max_connections));
+        let mut max = self.shared.cfg.max_connections;
+        let slots = Arc::new(Semaphore::new(max));
         loop {
             let (sock, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -159,8 +181,15 @@ impl Receiver {
                     Err(e) => { warn!("accept failed: {e}"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
                 },
             };
+            let want = self.shared.limits().max_connections.max(1);
+            if want > max {
+                slots.add_permits(want - max);
+                max = want;
+            } else if want < max {
+                max -= slots.forget_permits(max - want);
+            }
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                warn!(%peer, "refused: {} connections already open", self.shared.cfg.max_connections);
+                warn!(%peer, "refused: {max} connections already open");
                 continue;
             };
             let shared = self.shared.clone();
@@ -185,7 +214,8 @@ impl Receiver {
         // Shut down cleanly: make what was written durable.
         let mut w = self.shared.writer.lock().await;
         if let Some(w) = w.as_mut() {
-            let _ = tokio::task::block_in_place(|| w.sync());
+            let _ =
+                tokio::task::block_in_place(|| crate::metrics::receive().time_fsync(|| w.sync()));
         }
         self.shared.update_status(|s| {
             s.state = "stopped".into();
@@ -209,7 +239,9 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
     };
     let (r, w) = tokio::io::split(io);
     let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+    crate::metrics::receive().connections.inc();
     if let Err(e) = server_auth(&mut r, &mut w, &shared.cfg.secret).await {
+        crate::metrics::receive().auth_failures.inc();
         warn!("refused unauthenticated peer: {e}");
         bail!("authentication: {e}");
     }
@@ -248,7 +280,10 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
         s.primary_flush_lsn = Some(hello.flush);
         s.primary_seen_at_ms = Some(now_ms());
         s.last_error = None;
+        s.connections += 1;
+        s.note_durable(position.map(|p| p.1), now_ms());
     });
+    crate::metrics::receive().connected.set(1);
     let r = stream(&shared, &mut r, &mut w, writer).await;
     if let Err(e) = &r {
         let _ = w
@@ -257,6 +292,7 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
             })
             .await;
     }
+    crate::metrics::receive().connected.set(0);
     shared.update_status(|s| {
         if s.state == "streaming" {
             s.state = "waiting".into();
@@ -316,7 +352,7 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    let idle = shared.cfg.idle_timeout;
+    let m = crate::metrics::receive();
     let mut lock_file = Some(open_write_lock(&shared.spool)?);
     let mut held: Option<nix::fcntl::Flock<std::fs::File>> = None;
     let mut last_status = 0u64;
@@ -325,12 +361,13 @@ where
     let mut unsynced: Option<Instant> = None;
     let mut unsynced_bytes = 0usize;
     loop {
+        let idle = shared.limits().idle_timeout;
         // While more of a burst is arriving, keep writing and sync once;
         // when the stream pauses, sync and ack at once.
         let wait = if unsynced.is_some() { SYNC_DELAY } else { idle };
         let frame = match tokio::time::timeout(wait, r.read_frame()).await {
             Err(_) if unsynced.is_some() => {
-                sync_and_ack(w, writer, &mut held, &mut lock_file).await?;
+                sync_and_ack(shared, w, writer, &mut held, &mut lock_file).await?;
                 unsynced = None;
                 unsynced_bytes = 0;
                 continue;
@@ -339,6 +376,7 @@ where
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(ProtoError::Frame(e))) => {
+                m.frames_rejected.inc();
                 bail!("rejected a bad frame, nothing of it written: {e}")
             }
             Ok(Err(e)) => return Err(e.into()),
@@ -362,6 +400,7 @@ where
                     .with_context(|| format!("writing {} bytes at {start}", bytes.len()))?;
                 bytes_written += bytes.len() as u64;
                 unsynced_bytes += bytes.len();
+                m.bytes_written.inc_by(bytes.len() as u64);
             }
             Frame::Heartbeat { flush, time_us: _ } => {
                 let now = now_ms();
@@ -373,7 +412,7 @@ where
                         s.primary_flush_lsn = Some(flush);
                         s.primary_seen_at_ms = Some(now);
                         s.timeline = durable.map(|d| d.0);
-                        s.durable_lsn = durable.map(|d| d.1);
+                        s.note_durable(durable.map(|d| d.1), now);
                         s.written_lsn = written.map(|d| d.1);
                         s.current_segment = seg;
                         s.bytes_written += bytes_written;
@@ -383,7 +422,9 @@ where
                     let mut s = shared.status.lock().unwrap_or_else(|p| p.into_inner());
                     s.primary_flush_lsn = Some(flush);
                     s.primary_seen_at_ms = Some(now);
+                    s.note_durable(None, now);
                 }
+                m.observe(Some(flush), None);
             }
             Frame::History { tli, content } => {
                 shared.spool.write_history(tli, &content)?;
@@ -399,7 +440,7 @@ where
         // frame are here already, or arrive without waiting.
         let more = r.buffered() > 0 || r.read_ready().await?;
         if !more || unsynced_bytes >= SYNC_BYTES || first.elapsed() >= SYNC_DELAY {
-            sync_and_ack(w, writer, &mut held, &mut lock_file).await?;
+            sync_and_ack(shared, w, writer, &mut held, &mut lock_file).await?;
             unsynced = None;
             unsynced_bytes = 0;
         }
@@ -408,6 +449,7 @@ where
 
 /// Makes what was written durable, releases the write lock and acks.
 async fn sync_and_ack<W: tokio::io::AsyncWrite + Unpin>(
+    shared: &Shared,
     w: &mut FrameWriter<W>,
     writer: &mut SpoolWriter,
     held: &mut Option<nix::fcntl::Flock<std::fs::File>>,
@@ -416,7 +458,8 @@ async fn sync_and_ack<W: tokio::io::AsyncWrite + Unpin>(
     let Some(h) = held.take() else {
         return Ok(());
     };
-    let durable = tokio::task::block_in_place(|| writer.sync());
+    let m = crate::metrics::receive();
+    let durable = tokio::task::block_in_place(|| m.time_fsync(|| writer.sync()));
     let f = h
         .unlock()
         .map_err(|(_, e)| anyhow::anyhow!("unlocking: {e}"))?;
@@ -424,6 +467,11 @@ async fn sync_and_ack<W: tokio::io::AsyncWrite + Unpin>(
     let durable = durable.context("making received WAL durable")?;
     let tli = writer.durable().map(|d| d.0).unwrap_or(TimelineId(1));
     w.send(&Frame::Ack { tli, durable }).await?;
+    m.acks.inc();
+    m.observe(None, Some(durable));
+    let mut s = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+    s.acks += 1;
+    s.note_durable(Some(durable), now_ms());
     Ok(())
 }
 

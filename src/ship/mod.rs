@@ -65,6 +65,8 @@ pub struct ShipConfig {
     pub max_backoff: Duration,
     /// pg_wal directory; default `<data_directory>/pg_wal` from the server.
     pub pg_wal: Option<PathBuf>,
+    /// A new poll interval on SIGHUP.
+    pub reload_interval: Option<watch::Receiver<Duration>>,
 }
 
 impl ShipConfig {
@@ -80,6 +82,7 @@ impl ShipConfig {
             start_lsn: None,
             max_backoff: Duration::from_secs(5),
             pg_wal: None,
+            reload_interval: None,
         }
     }
 }
@@ -152,11 +155,24 @@ pub async fn run(
     let mut last_slot_advance = Instant::now() - Duration::from_secs(60);
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reload = cfg.reload_interval.clone();
+    let m = crate::metrics::ship();
+    m.interval_seconds.set(cfg.interval.as_secs_f64());
 
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
+            Ok(()) = async { match reload.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
+                let every = *reload.as_mut().expect("changed above").borrow_and_update();
+                if every != tick.period() {
+                    info!("poll interval now {}", humantime::format_duration(every));
+                    tick = tokio::time::interval(every);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    m.interval_seconds.set(every.as_secs_f64());
+                }
+                continue;
+            }
         }
         // The primary.
         if primary.is_none() {
@@ -222,6 +238,7 @@ pub async fn run(
                     }
                     rx_backoff.reset();
                     info!(tli = %s.next.0, lsn = %s.next.1, "streaming to {}", cfg.receiver);
+                    m.connected.set(1);
                     progress.send_modify(|x| {
                         x.connected = true;
                         x.shipped = Some(s.next);
@@ -237,6 +254,7 @@ pub async fn run(
                 Err(Fault::Receiver(e)) => {
                     let wait = rx_backoff.fail();
                     warn!("receiver unreachable ({e:#}); retrying in {wait:?}");
+                    m.connected.set(0);
                     progress.send_modify(|x| {
                         x.connected = false;
                         x.last_error = Some(format!("{e:#}"));
@@ -259,6 +277,8 @@ pub async fn run(
                     "lost the receiver ({e:#}); reconnecting and resuming at its durable position"
                 );
                 session = None;
+                m.connected.set(0);
+                m.reconnects.inc();
                 progress.send_modify(|x| {
                     x.connected = false;
                     x.reconnects += 1;
@@ -269,6 +289,7 @@ pub async fn run(
             }
         }
         let acks = s.acks.borrow().clone();
+        m.observe(fp.lsn, s.next.1, acks.durable.map(|d| d.1));
         progress.send_modify(|x| {
             x.primary_flush = Some(fp.lsn);
             x.shipped = Some(s.next);
@@ -396,6 +417,7 @@ async fn open_session(
         .await
         .map_err(|e| match e {
             ProtoError::Auth(_) | ProtoError::Refused(_) => {
+                crate::metrics::ship().auth_failures.inc();
                 Fault::Fatal(anyhow!("receiver {}: {e}", cfg.receiver))
             }
             e => Fault::Receiver(e.into()),
@@ -460,6 +482,7 @@ async fn open_session(
         loop {
             match r.read_frame().await {
                 Ok(Some(Frame::Ack { tli, durable })) => {
+                    crate::metrics::ship().acks.inc();
                     tx.send_modify(|a| a.durable = Some((tli, durable)))
                 }
                 Ok(Some(Frame::Refuse { reason })) => {
@@ -563,9 +586,11 @@ async fn ship_once(
         if got <= at {
             break;
         }
+        let n = bytes.len() as u64;
         s.w.send_data(tli, at, bytes)
             .await
             .map_err(|e| Fault::Receiver(e.into()))?;
+        crate::metrics::ship().bytes_shipped.inc_by(n);
         sent = true;
         at = got;
         s.next = (tli, at);

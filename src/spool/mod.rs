@@ -287,6 +287,7 @@ impl Spool {
 
 /// What the receiver last said about itself (status.json).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReceiverStatus {
     pub pid: u32,
     pub listen: String,
@@ -303,6 +304,32 @@ pub struct ReceiverStatus {
     pub last_error: Option<String>,
     pub bytes_written: u64,
     pub updated_at_ms: u64,
+    /// Unix ms the receiver started.
+    pub started_at_ms: u64,
+    /// Unix ms the durable position last advanced.
+    pub durable_at_ms: Option<u64>,
+    /// Unix ms the spool last held, durably, everything the primary had
+    /// flushed (as its shipper last reported): the base of lag in seconds.
+    pub caught_up_at_ms: Option<u64>,
+    /// Durability acks sent, and connections accepted, since the start.
+    pub acks: u64,
+    pub connections: u64,
+}
+
+impl ReceiverStatus {
+    /// Notes a durable position and the primary flush it is measured
+    /// against, at `now` (unix ms).
+    pub fn note_durable(&mut self, durable: Option<Lsn>, now: u64) {
+        if durable.is_some() && durable != self.durable_lsn {
+            self.durable_lsn = durable;
+            self.durable_at_ms = Some(now);
+        }
+        if let (Some(d), Some(f)) = (self.durable_lsn, self.primary_flush_lsn) {
+            if d >= f {
+                self.caught_up_at_ms = Some(now);
+            }
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {
