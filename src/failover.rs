@@ -179,6 +179,11 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
             return Ok(r);
         }
     }
+    // 0. The standby must be of the spool's cluster: check before anything
+    // is fenced or published.
+    if let Some(conninfo) = &cfg.standby {
+        check_standby(conninfo, &spool).await?;
+    }
     // 1. Split brain.
     if !cfg.force && !spool.is_fenced() {
         if let Some(st) = spool.status() {
@@ -257,6 +262,26 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
     report.seconds = t0.elapsed().as_secs_f64();
     save_report(&spool, &report)?;
     Ok(report)
+}
+
+/// Refuses a standby of another cluster than the spool's WAL.
+async fn check_standby(conninfo: &str, spool: &Spool) -> Result<()> {
+    let Ok(c) = crate::pg::client::connect(conninfo).await else {
+        // Not up yet (recovery.signal style, say): promote() waits for it
+        // and checks again.
+        return Ok(());
+    };
+    let info = crate::pg::client::server_info(&c).await?;
+    if let Some(m) = spool.meta()? {
+        if m.sysid() != Some(info.sysid) {
+            bail!(
+                "the standby is system {}, but the spool holds WAL of system {}: refusing to feed it another cluster's WAL; nothing was changed",
+                info.sysid,
+                m.system_identifier
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn promote(

@@ -1,5 +1,7 @@
-//! The `waltail` binary: everything is in the library; see `waltail --help`.
-
 fn main() -> std::process::ExitCode {
+    // Test builds only (`--features failpoints`): faults named in
+    // $FAILPOINTS, e.g. `spool-sync=20%5*return`.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     waltail::cli::main()
 }

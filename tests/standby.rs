@@ -257,6 +257,66 @@ fn a_planned_switchover_loses_nothing() {
 }
 
 #[test]
+fn an_interrupted_failover_runs_again_and_finishes() {
+    let seed = seed();
+    let mut rng = Rng::new(seed);
+    let mut s = setup("interrupted", "standby");
+    let stop = CancellationToken::new();
+    let load = start_load(s.primary.conninfo(), 20, stop);
+    std::thread::sleep(Duration::from_millis(2000));
+    s.primary.kill();
+    let acked = load.join().unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let (_, durable) = spool_position(&s.spool).unwrap();
+    let mut kills = 0;
+    for _ in 0..6 {
+        let mut child = std::process::Command::new(waltail_bin())
+            .args(["failover", "--spool"])
+            .arg(&s.spool)
+            .args(["--standby", &s.standby.conninfo(), "--alive-window", "1s"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.below(300)));
+        if child.try_wait().unwrap().is_none() {
+            kills += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        kills > 0,
+        "no failover was killed while running (seed {seed})"
+    );
+    let report = failover(&s);
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(report["promoted"], true, "{report}");
+    let ids = rt()
+        .block_on(load::ids(&s.standby.conninfo(), "t"))
+        .unwrap();
+    assert!(
+        load::is_gap_free_prefix(&ids),
+        "not a gap-free prefix (seed {seed})"
+    );
+    let must = acked
+        .iter()
+        .filter(|a| a.lsn_after.is_some_and(|l| l <= durable))
+        .map(|a| a.id)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        ids.len() as i64 >= must,
+        "lost commit {must}, durable before the kills (seed {seed}); report {report}"
+    );
+    s.standby.psql("insert into t values (-1)").unwrap();
+    eprintln!(
+        "failover killed {kills} times, then finished: kept {} commits (seed {seed})",
+        ids.len()
+    );
+}
+
+#[test]
 fn failover_is_refused_while_the_primary_is_alive() {
     let s = setup("alive", "standby");
     s.primary.psql("insert into t values (1)").unwrap();
@@ -272,6 +332,22 @@ fn failover_is_refused_while_the_primary_is_alive() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("split brain"), "{err}");
     assert!(!s.spool.join("FENCED").exists());
+    // A standby of another cluster is refused even with --force, before
+    // anything is fenced or published.
+    let other = small_cluster("alive-other");
+    let out = waltail(&[
+        "failover",
+        "--spool",
+        s.spool.to_str().unwrap(),
+        "--standby",
+        &other.conninfo(),
+        "--force",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another cluster"), "{err}");
+    assert!(!s.spool.join("FENCED").exists());
+    assert!(!s.spool.join("failover.json").exists());
     // Streaming goes on.
     s.primary.psql("insert into t values (2)").unwrap();
     wait_durable(&s.spool, flush_lsn(&s.primary), 30, &[&s.rx, &s.tx]);

@@ -4,10 +4,12 @@
 mod util;
 
 mod demo;
+mod faults;
 mod fuzz;
 mod harness;
 mod inspect;
 mod ops;
 mod protocol;
+mod soak;
 mod standby;
 mod stream;

@@ -141,6 +141,10 @@ impl SpoolWriter {
             let seg_end = seg.end_lsn(self.seg_size);
             let n = rest.len().min((seg_end.0 - at.0) as usize);
             let off = at.segment_offset(self.seg_size);
+            // Injected: the disk is full.
+            fail::fail_point!("spool-write", |_| Err(self
+                .spool
+                .io(std::io::Error::from_raw_os_error(libc::ENOSPC))));
             let file = self.partial(seg)?;
             file.write_all_at(&rest[..n], off)
                 .map_err(|e| self.spool.io(e))?;
@@ -245,6 +249,14 @@ impl SpoolWriter {
 
     /// Makes everything written durable and records the position; returns it.
     pub fn sync(&mut self) -> Result<Lsn> {
+        // Injected: fsync fails and, as Linux may do, the unsynced pages are
+        // lost with it.
+        fail::fail_point!("spool-sync", |_| {
+            self.lose_unsynced();
+            let e = self.spool.io(std::io::Error::from_raw_os_error(libc::EIO));
+            self.reset_to_durable();
+            Err(e)
+        });
         if let Some(o) = &mut self.cur {
             if o.dirty {
                 if let Err(e) = o.file.sync_data() {
@@ -260,6 +272,22 @@ impl SpoolWriter {
             self.record_position(false)?;
         }
         Ok(self.durable)
+    }
+
+    /// Zeroes what was written after the durable position in the open
+    /// partial: what a failed fsync may leave of it (fault injection only).
+    #[cfg(feature = "failpoints")]
+    fn lose_unsynced(&mut self) {
+        if let Some(o) = &self.cur {
+            let seg_start = o.seg.start_lsn(self.seg_size);
+            let from = self.durable.max(seg_start);
+            if let Some(n) = self.written.bytes_since(from) {
+                let zeros = vec![0u8; n as usize];
+                let _ = o
+                    .file
+                    .write_all_at(&zeros, from.segment_offset(self.seg_size));
+            }
+        }
     }
 
     /// Moves to timeline `new`, whose data starts at `start` (at or before

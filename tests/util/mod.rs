@@ -202,6 +202,11 @@ impl Daemon {
     /// Starts `waltail ARGS` as the server user (so the spool it writes is
     /// readable by the server's restore_command), logging to `log`.
     pub fn start(name: &str, args: &[String], log: PathBuf) -> Daemon {
+        Daemon::start_env(name, args, log, &[])
+    }
+
+    /// As [`Daemon::start`], with extra environment variables.
+    pub fn start_env(name: &str, args: &[String], log: PathBuf, env: &[(&str, &str)]) -> Daemon {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -210,6 +215,7 @@ impl Daemon {
         let mut cmd = Command::new(waltail_bin());
         cmd.args(args)
             .env("WALTAIL_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f);
@@ -335,6 +341,17 @@ pub fn start_receiver(
     secret: &Path,
     extra: &[&str],
 ) -> (Daemon, String) {
+    start_receiver_env(w, spool, secret, extra, &[])
+}
+
+/// As [`start_receiver`], with extra environment variables (`FAILPOINTS`).
+pub fn start_receiver_env(
+    w: &Workdir,
+    spool: &Path,
+    secret: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Daemon, String) {
     let port = waltail::pg::cluster::free_port().unwrap();
     let addr = format!("127.0.0.1:{port}");
     let mut args: Vec<String> = vec![
@@ -347,7 +364,12 @@ pub fn start_receiver(
         secret.to_str().unwrap().into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let d = Daemon::start("receive", &args, w.path(&format!("receive-{port}.log")));
+    let d = Daemon::start_env(
+        "receive",
+        &args,
+        w.path(&format!("receive-{port}.log")),
+        env,
+    );
     // Listening once the spool says so.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::net::TcpStream::connect(&addr).is_err() {
