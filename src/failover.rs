@@ -29,7 +29,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use crate::fsio::{fsync_dir, map_readonly, write_atomic};
+use crate::fsio::{map_readonly, write_atomic};
 use crate::spool::{now_ms, Spool, FAILOVER, FENCED};
 use crate::wal::{
     scan_segment, Lsn, ScanConfig, ScanSummary, Scanner, SegmentName, TimelineId, WalView,
@@ -200,12 +200,11 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
     }
     // 2. Fence.
     if !spool.is_fenced() {
-        fs::write(
-            spool.path(FENCED),
-            format!("fenced by waltail failover at {} ms\n", now_ms()),
+        write_atomic(
+            &spool.path(FENCED),
+            format!("fenced by waltail failover at {} ms\n", now_ms()).as_bytes(),
         )?;
         spool.own(&spool.path(FENCED))?;
-        fsync_dir(&spool.dir)?;
         info!("spool fenced");
     }
     let lock = tokio::task::spawn_blocking({

@@ -33,6 +33,21 @@ fn write_wal(c: &Cluster, table: &str, mb: u64) {
     .unwrap();
 }
 
+/// The spool is private to its owner: the directory 0700, every file 0600.
+fn assert_private(spool: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(spool), 0o700, "spool directory mode");
+    let mut n = 0;
+    for e in std::fs::read_dir(spool).unwrap().flatten() {
+        let m = mode(&e.path());
+        let want = if e.path().is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(m, want, "{} has mode {m:o}", e.path().display());
+        n += 1;
+    }
+    assert!(n >= 5, "only {n} files in the spool");
+}
+
 /// Lines of a daemon's log that contain `needle`.
 fn count_log(d: &Daemon, needle: &str) -> usize {
     d.log_text().lines().filter(|l| l.contains(needle)).count()
@@ -100,6 +115,7 @@ fn failing_fsyncs_are_never_acked_and_what_they_lost_is_sent_again() {
     );
     let compared = assert_spool_matches(&spool, &c, SEG);
     assert!(compared >= 5, "only {compared} segments compared");
+    assert_private(&spool);
     eprintln!("fsync failures injected: {failures}; {compared} segments identical to the archive");
 }
 

@@ -197,6 +197,13 @@ fn kill_and_fail_over(style: &str) {
     assert_eq!(u64::from_str_radix(&tli, 16).unwrap(), new_tli);
     // The shipper stopped itself: the spool is fenced.
     assert!(s.spool.join("FENCED").exists());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for e in std::fs::read_dir(&s.spool).unwrap().flatten() {
+            let m = e.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(m, 0o600, "{} has mode {m:o}", e.path().display());
+        }
+    }
     // Run again: already done, nothing changes.
     let listing = |p: &std::path::Path| {
         let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(p)

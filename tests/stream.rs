@@ -172,6 +172,34 @@ fn a_timeline_switch_ships_the_history_file_and_the_new_timeline() {
         std::fs::read(c.pg_wal().join("00000002.history")).unwrap()
     );
     assert!(assert_spool_matches(&spool, &c, SEG) >= 1);
+    // The two timelines are kept apart: the switch segment exists once per
+    // timeline, and no file holds a page of a later timeline than its name.
+    let mut per_tli = std::collections::BTreeMap::<String, usize>::new();
+    for e in std::fs::read_dir(&spool).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let base = name.trim_end_matches(".partial");
+        if base.len() != 24 || !base.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let file_tli = u32::from_str_radix(&base[..8], 16).unwrap();
+        *per_tli.entry(base[8..].to_string()).or_default() += 1;
+        let bytes = std::fs::read(e.path()).unwrap();
+        for page in bytes.chunks(8192) {
+            let magic = u16::from_le_bytes([page[0], page[1]]);
+            if magic == 0 {
+                continue;
+            }
+            let page_tli = u32::from_le_bytes(page[4..8].try_into().unwrap());
+            assert!(
+                page_tli <= file_tli,
+                "{name} holds a page of timeline {page_tli}"
+            );
+        }
+    }
+    assert!(
+        per_tli.values().any(|&n| n == 2),
+        "no segment kept on both timelines: {per_tli:?}"
+    );
     tx.wait_log(&["timeline switch"], 10);
     assert!(
         tx.log_text().contains("primary reachable again")

@@ -12,8 +12,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::auth::{nonce, Secret};
 use super::frame::{
-    encode_data, Frame, FrameError, MAX_FRAME, OVERHEAD as FRAME_OVERHEAD, PROTOCOL_VERSION,
+    data_frame_parts, encode_data, Frame, FrameError, MAX_FRAME, OVERHEAD as FRAME_OVERHEAD,
+    PROTOCOL_VERSION,
 };
+
+/// Data frames at least this large are written without copying the WAL.
+const ZERO_COPY_MIN: usize = 64 << 10;
 
 /// How much one read asks the stream for.
 const READ_CHUNK: usize = 256 << 10;
@@ -163,9 +167,18 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         start: Lsn,
         bytes: &[u8],
     ) -> Result<(), ProtoError> {
-        self.buf.clear();
-        encode_data(tli, start, bytes, &mut self.buf);
-        self.w.write_all(&self.buf).await?;
+        // Small ranges go out in one write; large ones straight from the
+        // caller's slice, without a copy.
+        if bytes.len() < ZERO_COPY_MIN {
+            self.buf.clear();
+            encode_data(tli, start, bytes, &mut self.buf);
+            self.w.write_all(&self.buf).await?;
+        } else {
+            let (head, crc) = data_frame_parts(tli, start, bytes);
+            self.w.write_all(&head).await?;
+            self.w.write_all(bytes).await?;
+            self.w.write_all(&crc).await?;
+        }
         Ok(())
     }
 

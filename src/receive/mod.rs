@@ -19,6 +19,7 @@
 //! the durable position once the problem is gone.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,6 +120,7 @@ impl Receiver {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(spool.path(RECEIVER_LOCK))
             .with_context(|| format!("opening {}", spool.path(RECEIVER_LOCK).display()))?;
         let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
@@ -482,7 +484,6 @@ const SYNC_DELAY: Duration = Duration::from_millis(4);
 const SYNC_BYTES: usize = 16 << 20;
 
 fn open_write_lock(spool: &Spool) -> anyhow::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
