@@ -7,6 +7,7 @@ mod demo;
 mod fuzz;
 mod harness;
 mod inspect;
+mod netfault;
 mod ops;
 mod protocol;
 mod standby;
