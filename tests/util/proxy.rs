@@ -29,8 +29,11 @@ use super::Rng;
 pub struct Counts {
     /// Connections accepted.
     pub connections: u64,
-    /// Times every open connection was dropped.
+    /// Times the open connections were dropped (counted when there was at
+    /// least one).
     pub drops: u64,
+    /// Connections closed by those drops.
+    pub dropped_connections: u64,
     /// Stalls started.
     pub stalls: u64,
     /// Chunks forwarded late.
@@ -39,6 +42,9 @@ pub struct Counts {
     pub cuts: u64,
     /// Frames forwarded with one bit flipped.
     pub flips: u64,
+    /// Connections that carried at least one flipped frame (the receiver
+    /// closes at the first, so later ones may go nowhere).
+    pub flipped_connections: u64,
 }
 
 /// The proxy's faults, shared with its connections.
@@ -49,16 +55,22 @@ pub struct Faults {
     pub delay: Duration,
     /// Flip a bit in every Nth Data frame (type 7) from the shipper; 0: off.
     pub flip_every_data: u64,
-    /// Flip a bit in each of the next this many frames (any type).
+    /// Flip a bit in each of the next this many frames (any type, the
+    /// handshake's too).
     pub flip_next: u64,
     /// Cut each of the next this many frames (any type) and close.
     pub cut_next: u64,
+    /// The same for frames after the handshake (ClientHello, ClientProof,
+    /// Hello) only: Data, Heartbeat, History.
+    pub flip_next_streaming: u64,
+    pub cut_next_streaming: u64,
     /// Keep the first this many shipper→receiver frames of each connection.
     pub record_frames: usize,
     /// The recorded frames, per connection in accept order.
     pub recorded: Vec<Vec<Vec<u8>>>,
     pub counts: Counts,
     data_frames: u64,
+    open: u64,
     drop_token: CancellationToken,
     rng: Rng,
 }
@@ -71,6 +83,8 @@ impl Faults {
         self.flip_every_data = 0;
         self.flip_next = 0;
         self.cut_next = 0;
+        self.flip_next_streaming = 0;
+        self.cut_next_streaming = 0;
     }
 }
 
@@ -101,10 +115,13 @@ impl Proxy {
             flip_every_data: 0,
             flip_next: 0,
             cut_next: 0,
+            flip_next_streaming: 0,
+            cut_next_streaming: 0,
             record_frames: 0,
             recorded: Vec::new(),
             counts: Counts::default(),
             data_frames: 0,
+            open: 0,
             drop_token: CancellationToken::new(),
             rng: Rng::new(seed ^ 0x5eed_0f_fa17),
         }));
@@ -118,26 +135,15 @@ impl Proxy {
                 let (stop, conn) = {
                     let mut f = st.lock().unwrap();
                     f.counts.connections += 1;
+                    f.open += 1;
                     f.recorded.push(Vec::new());
                     (f.drop_token.clone(), f.recorded.len() - 1)
                 };
                 let st = st.clone();
                 let upstream = upstream.clone();
                 tokio::spawn(async move {
-                    let Ok(up) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    let _ = up.set_nodelay(true);
-                    let _ = down.set_nodelay(true);
-                    let (dr, dw) = down.into_split();
-                    let (ur, uw) = up.into_split();
-                    // Whichever side ends first ends the connection: both
-                    // sockets are dropped (closed) here.
-                    tokio::select! {
-                        _ = ship_to_receive(dr, uw, &st, conn) => {}
-                        _ = receive_to_ship(ur, dw, &st) => {}
-                        _ = stop.cancelled() => {}
-                    }
+                    serve(down, &upstream, &st, conn, stop).await;
+                    st.lock().unwrap().open -= 1;
                 });
             }
         });
@@ -158,7 +164,10 @@ impl Proxy {
         self.with(|f| {
             f.drop_token.cancel();
             f.drop_token = CancellationToken::new();
-            f.counts.drops += 1;
+            if f.open > 0 {
+                f.counts.drops += 1;
+                f.counts.dropped_connections += f.open;
+            }
         });
     }
 
@@ -211,8 +220,12 @@ impl Proxy {
                     stall_ms.0 + rng.below(stall_ms.1 - stall_ms.0),
                 )),
                 2 => self.with(|f| f.delay = Duration::from_millis(1 + rng.below(20))),
-                3 => self.with(|f| f.cut_next += 1),
-                _ => self.with(|f| f.flip_next += 1),
+                // Two in three cuts and flips hit the stream, one in three
+                // whatever frame comes next (often a handshake's).
+                3 if rng.below(3) == 0 => self.with(|f| f.cut_next += 1),
+                3 => self.with(|f| f.cut_next_streaming += 1),
+                _ if rng.below(3) == 0 => self.with(|f| f.flip_next += 1),
+                _ => self.with(|f| f.flip_next_streaming += 1),
             }
             let pause = Instant::now() + Duration::from_millis(200 + rng.below(600));
             while Instant::now() < pause {
@@ -231,6 +244,30 @@ impl Drop for Proxy {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// One proxied connection, until either side ends it or a drop.
+async fn serve(
+    down: TcpStream,
+    upstream: &str,
+    st: &Mutex<Faults>,
+    conn: usize,
+    stop: CancellationToken,
+) {
+    let Ok(up) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = up.set_nodelay(true);
+    let _ = down.set_nodelay(true);
+    let (dr, dw) = down.into_split();
+    let (ur, uw) = up.into_split();
+    // Whichever side ends first ends the connection: both sockets are
+    // dropped (closed) here.
+    tokio::select! {
+        _ = ship_to_receive(dr, uw, st, conn) => {}
+        _ = receive_to_ship(ur, dw, st) => {}
+        _ = stop.cancelled() => {}
     }
 }
 
@@ -270,6 +307,8 @@ async fn ship_to_receive(
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 256 << 10];
     let mut raw = false;
+    let mut index = 0usize;
+    let mut flipped = false;
     loop {
         // A stall holds back closes and errors too, as a dead link would.
         let n = from.read(&mut chunk).await;
@@ -312,15 +351,31 @@ async fn ship_to_receive(
                 if is_data {
                     f.data_frames += 1;
                 }
+                index += 1;
+                let streaming = index > 3;
                 let every = f.flip_every_data;
-                if f.cut_next > 0 {
-                    f.cut_next -= 1;
+                if f.cut_next > 0 || (streaming && f.cut_next_streaming > 0) {
+                    if f.cut_next > 0 {
+                        f.cut_next -= 1;
+                    } else {
+                        f.cut_next_streaming -= 1;
+                    }
                     f.counts.cuts += 1;
                     Act::Cut(1 + f.rng.below(take as u64 - 1) as usize)
-                } else if f.flip_next > 0 || (is_data && every > 0 && f.data_frames % every == 0)
+                } else if f.flip_next > 0
+                    || (streaming && f.flip_next_streaming > 0)
+                    || (is_data && every > 0 && f.data_frames % every == 0)
                 {
-                    f.flip_next = f.flip_next.saturating_sub(1);
+                    if f.flip_next > 0 {
+                        f.flip_next -= 1;
+                    } else if streaming && f.flip_next_streaming > 0 {
+                        f.flip_next_streaming -= 1;
+                    }
                     f.counts.flips += 1;
+                    if !flipped {
+                        flipped = true;
+                        f.counts.flipped_connections += 1;
+                    }
                     // After the length prefix: type, payload or checksum.
                     let at = 4 + f.rng.below(take as u64 - 4) as usize;
                     Act::Flip(at, 1 << f.rng.below(8))
