@@ -123,7 +123,7 @@ impl Proxy {
             data_frames: 0,
             open: 0,
             drop_token: CancellationToken::new(),
-            rng: Rng::new(seed ^ 0x5eed_0f_fa17),
+            rng: Rng::new(seed ^ 0x5eed_f00d_fa17),
         }));
         let upstream = upstream.to_string();
         let st = state.clone();
