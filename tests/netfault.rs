@@ -173,6 +173,9 @@ fn random_network_faults_leave_the_spool_identical_and_no_corrupt_final_segment(
         .proxy
         .chaos(&mut rng, Duration::from_secs(15), 40, (300, 2000), || {
             check_final_segments(&r.spool, &archive, &mut verified);
+            if checks % 5 == 0 {
+                assert_partials_hold_only_primary_bytes(&r.spool, &r.c);
+            }
             checks += 1;
         });
     eprintln!(
@@ -183,7 +186,10 @@ fn random_network_faults_leave_the_spool_identical_and_no_corrupt_final_segment(
     // Every kind came up and took effect.
     assert!(counts.drops >= 2, "{counts:?}");
     assert!(counts.stalls >= 2, "{counts:?}");
-    assert!(counts.delayed_chunks >= 1, "{counts:?}");
+    assert!(
+        counts.delays >= 2 && counts.delayed_chunks >= 1,
+        "{counts:?}"
+    );
     assert!(counts.cuts >= 1, "{counts:?}");
     assert!(counts.flips >= 1, "{counts:?}");
     // Faults off: the shipper resumes at the durable position and the
@@ -233,10 +239,12 @@ fn flipped_bits_are_rejected_nothing_of_them_is_written_and_the_shipper_recovers
         r.c.psql("insert into f select g, repeat('x', 300) from generate_series(1, 800) g")
             .unwrap();
         check_final_segments(&r.spool, &archive, &mut verified);
-        // What is durable is the primary's WAL, never a flipped byte.
+        // What is durable is the primary's WAL, and what is written at all
+        // (synced or not) is too: never a flipped byte.
         if let Some((tli, durable)) = spool_position(&r.spool) {
             assert_partial_matches(&r.spool, &r.c, tli, durable);
         }
+        assert_partials_hold_only_primary_bytes(&r.spool, &r.c);
     }
     r.proxy.with(|f| f.flip_every_data = 0);
     let counts = r.proxy.counts();
@@ -286,6 +294,42 @@ fn assert_partial_matches(spool: &Path, c: &Cluster, tli: TimelineId, durable: L
         ours[..off] == theirs[..off],
         "{name}.partial differs from pg_wal below the durable {durable}"
     );
+}
+
+/// Every byte of every .partial in the spool, synced or not, is the
+/// primary's byte at that place, or still the zero the file was created with.
+fn assert_partials_hold_only_primary_bytes(spool: &Path, c: &Cluster) {
+    let seg_size = SegmentSize::new(SEG).unwrap();
+    let partials: Vec<String> = std::fs::read_dir(spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.len() == 32 && n.ends_with(".partial"))
+        .collect();
+    for p in partials {
+        let Ok(ours) = std::fs::read(spool.join(&p)) else {
+            continue; // finalized in between
+        };
+        // Read after ours: nothing in ours lies past this flush position,
+        // and pg_wal's bytes below it are final.
+        let flush = flush_lsn(c);
+        let name = &p[..24];
+        let Ok(theirs) = std::fs::read(c.pg_wal().join(name)) else {
+            continue;
+        };
+        let log = u64::from_str_radix(&name[8..16], 16).unwrap();
+        let seg = u64::from_str_radix(&name[16..24], 16).unwrap();
+        let start = log * 0x1_0000_0000 + seg * SEG;
+        let valid = flush.0.saturating_sub(start).min(seg_size.bytes()) as usize;
+        if let Some(i) = (0..ours.len()).find(|&i| {
+            let b = ours[i];
+            b != 0 && (i >= valid || b != theirs[i])
+        }) {
+            panic!(
+                "{p} holds a byte at offset {i:#x} that is not the primary's (primary flushed to {flush})"
+            );
+        }
+    }
 }
 
 #[test]

@@ -36,6 +36,8 @@ pub struct Counts {
     pub dropped_connections: u64,
     /// Stalls started.
     pub stalls: u64,
+    /// Delay periods started by [`Proxy::chaos`].
+    pub delays: u64,
     /// Chunks forwarded late.
     pub delayed_chunks: u64,
     /// Frames cut in the middle (connection closed after the part).
@@ -219,7 +221,10 @@ impl Proxy {
                 1 => self.stall(Duration::from_millis(
                     stall_ms.0 + rng.below(stall_ms.1 - stall_ms.0),
                 )),
-                2 => self.with(|f| f.delay = Duration::from_millis(1 + rng.below(20))),
+                2 => self.with(|f| {
+                    f.delay = Duration::from_millis(1 + rng.below(20));
+                    f.counts.delays += 1;
+                }),
                 // Two in three cuts and flips hit the stream, one in three
                 // whatever frame comes next (often a handshake's).
                 3 if rng.below(3) == 0 => self.with(|f| f.cut_next += 1),
