@@ -525,6 +525,15 @@ fn hostile_connections_get_nothing_written_and_cannot_lock_out_the_shipper() {
         "{}",
         r.rx.log_text()
     );
-    drop(silent);
+    // The receiver closed each silent client.
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 64];
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a silent client is still connected: {other:?}"),
+        }
+    }
     r.settle(30);
 }
