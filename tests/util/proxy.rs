@@ -51,7 +51,7 @@ pub struct Counts {
 
 /// The proxy's faults, shared with its connections.
 pub struct Faults {
-    /// Forward nothing until then.
+    /// Forward nothing until then, not even a close (as on a dead link).
     pub stall_until: Option<Instant>,
     /// Wait this long before forwarding each chunk (either direction).
     pub delay: Duration,
