@@ -4,7 +4,9 @@
 //! may ever sit under a final segment name, bad frames are rejected by their
 //! checksum, stalled connections are dropped by the idle timeout, and
 //! clients that cannot authenticate get nothing written and cannot lock out
-//! the real shipper for longer than the handshake timeout.
+//! the real shipper for longer than the handshake timeout. Each test prints
+//! its `WALTAIL_SEED=...` (faults, where cuts and flips land, garbage);
+//! set that variable to replay a run.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
