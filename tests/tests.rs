@@ -8,6 +8,7 @@ mod faults;
 mod fuzz;
 mod harness;
 mod inspect;
+mod netfault;
 mod ops;
 mod protocol;
 mod soak;

@@ -30,7 +30,8 @@ pub struct ClusterOptions {
     /// `initdb --wal-segsize`, in MB (a power of two, 1 to 1024).
     pub wal_segsize_mb: u32,
     /// Turn on archive_mode with an `archive_command` that copies every
-    /// finished segment into `<root>/archive` (ground truth for tests).
+    /// finished segment into `<root>/archive` (ground truth for tests; a
+    /// file appears there only whole, copied under a temporary name first).
     pub archive: bool,
     /// `archive_timeout` in seconds (0: off).
     pub archive_timeout: u32,
@@ -173,7 +174,7 @@ impl Cluster {
                 r.chown(&dir)?;
             }
             conf.push_str(&format!(
-                "archive_mode = on\narchive_command = 'test ! -f {d}/%f && cp %p {d}/%f'\n",
+                "archive_mode = on\narchive_command = 'test ! -f {d}/%f && cp %p {d}/.%f.tmp && mv {d}/.%f.tmp {d}/%f'\n",
                 d = dir.display()
             ));
             self.archive = Some(dir);

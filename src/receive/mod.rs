@@ -271,6 +271,10 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
         bail!("{reason}");
     }
     let writer = guard.as_mut().expect("admit set the writer");
+    // A session that ended in the middle of a burst (a bad frame, a cut,
+    // an idle timeout) leaves bytes written but not synced; the shipper
+    // resumes at the durable position, so the writer does too.
+    writer.reset_to_durable();
     let position = writer.durable();
     w.send(&Frame::Welcome { position }).await?;
     info!(sysid = hello.sysid, tli = %hello.tli, ?position, "shipper admitted");
