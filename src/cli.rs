@@ -338,6 +338,10 @@ pub struct ShipArgs {
     /// How often to poll the flush position (1ms to 10s).
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     pub interval: Duration,
+    /// Reconnect when WAL sent has gone unacknowledged this long, or a send
+    /// blocks this long (a dead link that never closes).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ack_timeout: Duration,
     /// Physical replication slot that keeps unshipped WAL on the primary.
     #[arg(long, default_value = "waltail")]
     pub slot: String,
@@ -597,6 +601,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             merge(m, "primary", &mut a.primary, f.primary);
             merge_opt(m, "receiver", &mut a.receiver, f.receiver);
             merge_dur(m, "interval", &mut a.interval, f.interval);
+            merge_dur(m, "ack_timeout", &mut a.ack_timeout, f.ack_timeout);
             merge(m, "slot", &mut a.slot, f.slot);
             merge(m, "no_slot", &mut a.no_slot, f.no_slot);
             merge_opt(m, "start_lsn", &mut a.start_lsn, f.start_lsn);
@@ -632,6 +637,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             let mut cfg = crate::ship::ShipConfig::new(&a.primary, &receiver, secret);
             cfg.tls = a.auth.tls();
             cfg.interval = a.interval;
+            cfg.ack_timeout = a.ack_timeout.max(Duration::from_millis(100));
             cfg.slot = (!a.no_slot).then_some(a.slot);
             cfg.start_lsn = a.start_lsn;
             cfg.pg_wal = a.pg_wal;

@@ -369,6 +369,37 @@ fn a_stalled_connection_is_dropped_by_the_idle_timeout_and_the_shipper_reconnect
     r.settle(30);
 }
 
+#[test]
+fn a_link_that_dies_silently_is_given_up_after_the_ack_timeout() {
+    let seed = seed();
+    // The receiver's idle timeout stays at its 30 s default: only the
+    // shipper's ack timeout can notice the dead link in time.
+    let mut r = rig("netfault-silent", seed, &[], 0);
+    r.tx.kill9();
+    r.tx = start_shipper(
+        &r.w,
+        &r.c,
+        &r.proxy.addr,
+        &r.secret,
+        &["--interval", "5ms", "--ack-timeout", "1s"],
+    );
+    r.c.psql("create table q(i int)").unwrap();
+    wait_durable(&r.spool, flush_lsn(&r.c), 30, &[&r.rx, &r.tx]);
+    let stall = Duration::from_secs(4);
+    let t0 = Instant::now();
+    r.proxy.stall(stall);
+    r.c.psql("insert into q select generate_series(1, 1000)")
+        .unwrap();
+    let target = flush_lsn(&r.c);
+    r.tx.wait_log(&["no ack for 1s"], 4);
+    assert!(
+        t0.elapsed() < stall,
+        "the shipper noticed the dead link only after it came back"
+    );
+    wait_durable(&r.spool, target, 30, &[&r.rx, &r.tx]);
+    r.settle(30);
+}
+
 /// Reads from `s` until EOF, an error or `d`; whether the peer closed, and
 /// what it sent.
 async fn closed_within(s: &mut tokio::net::TcpStream, d: Duration) -> (bool, Vec<u8>) {

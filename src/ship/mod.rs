@@ -57,6 +57,9 @@ pub struct ShipConfig {
     pub interval: Duration,
     /// Heartbeat at least this often while idle.
     pub heartbeat: Duration,
+    /// Reconnect when sent WAL goes unacknowledged this long, or a send
+    /// blocks this long: a link that died without closing.
+    pub ack_timeout: Duration,
     /// Replication slot to create/use and advance; None: no slot.
     pub slot: Option<String>,
     /// Where a new spool starts (rounded down to its segment); default: the
@@ -78,6 +81,7 @@ impl ShipConfig {
             tls: TlsOptions::default(),
             interval: Duration::from_millis(10),
             heartbeat: Duration::from_millis(100),
+            ack_timeout: Duration::from_secs(30),
             slot: Some("waltail".into()),
             start_lsn: None,
             max_backoff: Duration::from_secs(5),
@@ -123,6 +127,8 @@ struct Session {
     /// Next byte to send.
     next: (TimelineId, Lsn),
     last_heartbeat: Instant,
+    /// The last durable position acked, and since when it has not moved.
+    last_ack: (Option<(TimelineId, Lsn)>, Instant),
 }
 
 impl Drop for Session {
@@ -264,7 +270,15 @@ pub async fn run(
             }
         }
         let s = session.as_mut().expect("connected above");
-        match ship_once(&cfg, p, s, &fp, server_tli).await {
+        let sent = tokio::time::timeout(cfg.ack_timeout, ship_once(&cfg, p, s, &fp, server_tli))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Fault::Receiver(anyhow!(
+                    "sending blocked for {:?}: the receiver or the link is stuck",
+                    cfg.ack_timeout
+                )))
+            });
+        match sent {
             Ok(()) => {}
             Err(Fault::Fatal(e)) => return Err(e),
             Err(Fault::Pg(e)) => {
@@ -515,6 +529,7 @@ async fn open_session(
         reader,
         next,
         last_heartbeat: Instant::now() - Duration::from_secs(1),
+        last_ack: (None, Instant::now()),
     })
 }
 
@@ -538,6 +553,18 @@ async fn ship_once(
             return Err(Fault::Fatal(anyhow!(why)));
         }
         return Err(Fault::Receiver(anyhow!(why)));
+    }
+    // A link that died without closing: what was sent is never acked.
+    let acked = s.acks.borrow().durable;
+    if acked != s.last_ack.0 {
+        s.last_ack = (acked, Instant::now());
+    } else if acked.map(|a| a.1) < Some(s.next.1) && s.last_ack.1.elapsed() >= cfg.ack_timeout {
+        return Err(Fault::Receiver(anyhow!(
+            "no ack for {:?} while {} is sent and {} acked: the receiver or the link is stuck",
+            cfg.ack_timeout,
+            s.next.1,
+            acked.map_or("nothing".to_string(), |a| a.1.to_string())
+        )));
     }
     let seg_size = p.info.seg_size;
     // The stream is behind the server's timeline: finish the old one up to
