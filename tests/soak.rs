@@ -6,7 +6,10 @@
 //! injects one fault, chosen by the seeded RNG (`WALTAIL_SEED` replays):
 //! SIGKILL of the shipper or the receiver, a stalled shipper (SIGSTOP for up
 //! to 2 s), a crash of the primary (SIGKILL of every server process, then
-//! crash recovery), or none; the receiver also runs with a failpoint that
+//! crash recovery), a network fault on the link (the shipper talks to the
+//! receiver through the fault-injecting proxy of `tests/util/proxy.rs`: all
+//! connections dropped, a stall of up to 1.5 s, a Data frame cut in half or
+//! with a bit flipped), or none; the receiver also runs with a failpoint that
 //! makes some fsyncs fail and lose what they should have made durable.
 //! Throughout, the durable position must never go back; at the end, once
 //! the faults stop, the spool must be byte-identical to the primary's
@@ -47,8 +50,9 @@ fn soak_random_faults_under_load_lose_no_acknowledged_wal() {
     let env = [("FAILPOINTS", sync_faults)];
     let (mut rx, addr) = start_receiver_env(&w, &spool, &secret, &[], &env);
     let port = addr.rsplit(':').next().unwrap().to_string();
+    let proxy = crate::util::proxy::Proxy::start(&addr, seed);
     let ship_args = ["--interval", "2ms"];
-    let mut tx = start_shipper(&w, &c, &addr, &secret, &ship_args);
+    let mut tx = start_shipper(&w, &c, &proxy.addr, &secret, &ship_args);
     let init = c.pgbench(&["-i", "-s", "2", "-q"]).output().unwrap();
     assert!(init.status.success(), "pgbench -i failed");
 
@@ -82,11 +86,11 @@ fn soak_random_faults_under_load_lose_no_acknowledged_wal() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(100 + rng.below(900)));
-        let kind = match rng.below(10) {
+        let kind = match rng.below(14) {
             0..=2 => {
                 tx.kill9();
                 old_logs.push_str(&tx.log_text());
-                tx = start_shipper(&w, &c, &addr, &secret, &ship_args);
+                tx = start_shipper(&w, &c, &proxy.addr, &secret, &ship_args);
                 "kill ship"
             }
             3..=5 => {
@@ -120,6 +124,22 @@ fn soak_random_faults_under_load_lose_no_acknowledged_wal() {
                 c.start().unwrap();
                 "crash primary"
             }
+            8 => {
+                proxy.drop_all();
+                "net drop"
+            }
+            9 => {
+                proxy.stall(Duration::from_millis(300 + rng.below(1200)));
+                "net stall"
+            }
+            10 => {
+                proxy.with(|f| f.cut_next_streaming += 1);
+                "net cut frame"
+            }
+            11 => {
+                proxy.with(|f| f.flip_next_streaming += 1);
+                "net flip bit"
+            }
             _ => "none",
         };
         *faults.entry(kind).or_default() += 1;
@@ -133,6 +153,7 @@ fn soak_random_faults_under_load_lose_no_acknowledged_wal() {
         }
     }
     // Faults off: everything flushed must arrive, identical to the archive.
+    proxy.clear();
     c.psql("select pg_switch_wal()").unwrap();
     let end = flush_lsn(&c);
     wait_durable(&spool, end, 120, &[&rx, &tx]);
@@ -160,6 +181,13 @@ fn soak_random_faults_under_load_lose_no_acknowledged_wal() {
             "seed": seed,
             "rounds": rounds,
             "faults": faults,
+            "proxy": {
+                "connections": proxy.counts().connections,
+                "dropped_connections": proxy.counts().dropped_connections,
+                "stalls": proxy.counts().stalls,
+                "cut_frames": proxy.counts().cuts,
+                "flipped_frames": proxy.counts().flips,
+            },
             "fsync_failures_injected": sync_failures,
             "shipper_reconnects_after_receiver_loss": rejected_reconnects,
             "wal_acknowledged_bytes": high.bytes_since(start).unwrap_or(0),
