@@ -285,7 +285,7 @@ mod tests {
             (s.last_record, s.end_lsn, s.end.kind),
             (Some(first), second, EndKind::Truncated)
         );
-        let whole = (cut + 7) / 8 * 8;
+        let whole = cut.div_ceil(8) * 8;
         let s = scan_segment(Lsn(0), &b.bytes()[..whole], ScanConfig::new(s1()));
         assert_eq!(
             (s.last_record, s.end_lsn),

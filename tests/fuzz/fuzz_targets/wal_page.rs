@@ -12,7 +12,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use waltail::wal::page::{major_version_of_magic, SIZE_OF_LONG_PHD, SIZE_OF_SHORT_PHD, XLP_LONG_HEADER};
+use waltail::wal::page::{
+    major_version_of_magic, SIZE_OF_LONG_PHD, SIZE_OF_SHORT_PHD, XLP_LONG_HEADER,
+};
 use waltail::wal::scan::check_page_headers;
 use waltail::wal::{Lsn, PageChecker, PageHeader, SegmentSize, TimelineId, XLOG_BLCKSZ};
 
@@ -32,11 +34,12 @@ fuzz_target!(|data: &[u8]| {
 
     // Parsing.
     let hdr = PageHeader::parse(bytes, start);
-    let announced = if bytes.len() >= 4 && u16::from_le_bytes([bytes[2], bytes[3]]) & XLP_LONG_HEADER != 0 {
-        SIZE_OF_LONG_PHD
-    } else {
-        SIZE_OF_SHORT_PHD
-    };
+    let announced =
+        if bytes.len() >= 4 && u16::from_le_bytes([bytes[2], bytes[3]]) & XLP_LONG_HEADER != 0 {
+            SIZE_OF_LONG_PHD
+        } else {
+            SIZE_OF_SHORT_PHD
+        };
     assert_eq!(hdr.is_ok(), bytes.len() >= announced, "{hdr:?}");
     if let Ok(h) = hdr {
         assert_eq!(h.size(), announced);

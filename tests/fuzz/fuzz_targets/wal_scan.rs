@@ -15,7 +15,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use waltail::wal::{scan_segment, EndKind, Lsn, ScanConfig, ScanSummary, Scanner, WalView, XLOG_BLCKSZ};
+use waltail::wal::{
+    scan_segment, EndKind, Lsn, ScanConfig, ScanSummary, Scanner, WalView, XLOG_BLCKSZ,
+};
 use waltail_fuzz::{fixtures, seg1};
 
 fn check(start: Lsn, bytes: &[u8], from: Option<Lsn>) {
@@ -54,7 +56,11 @@ fn check(start: Lsn, bytes: &[u8], from: Option<Lsn>) {
         match sc.next_record() {
             Ok(r) => {
                 n += 1;
-                assert!(last.is_none_or(|l| l < r.lsn), "record {} after {last:?}", r.lsn);
+                assert!(
+                    last.is_none_or(|l| l < r.lsn),
+                    "record {} after {last:?}",
+                    r.lsn
+                );
                 assert!(r.lsn >= end_lsn && r.next > r.lsn);
                 assert_eq!(sc.end_lsn(), r.next);
                 end_lsn = r.next;
@@ -66,7 +72,11 @@ fn check(start: Lsn, bytes: &[u8], from: Option<Lsn>) {
             }
         }
     };
-    assert_eq!(sc.next_record().unwrap_err(), stop, "a stopped scanner stays stopped");
+    assert_eq!(
+        sc.next_record().unwrap_err(),
+        stop,
+        "a stopped scanner stays stopped"
+    );
     if from.is_none() {
         assert_eq!(n, s.records);
         assert_eq!(last, s.last_record);
@@ -98,7 +108,11 @@ fuzz_target!(|data: &[u8]| {
         }
         let (start, orig) = &fx[usize::from(rest[0]) % fx.len()];
         let cut = u32::from_le_bytes([rest[1], rest[2], rest[3], 0]) as usize;
-        let cut = if cut == 0 { orig.len() } else { cut % (orig.len() + 1) };
+        let cut = if cut == 0 {
+            orig.len()
+        } else {
+            cut % (orig.len() + 1)
+        };
         let mut b = orig[..cut].to_vec();
         let base = cut.saturating_sub(1) / XLOG_BLCKSZ as usize * XLOG_BLCKSZ as usize;
         for m in rest[4..].chunks_exact(4) {

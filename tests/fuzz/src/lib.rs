@@ -98,7 +98,11 @@ pub fn fixtures() -> &'static [(Lsn, Vec<u8>)] {
             if kind.file_name() == "recycled" {
                 continue;
             }
-            for f in std::fs::read_dir(kind.path()).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(kind.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let p = f.path();
                 if p.extension().is_some_and(|e| e == "gz") {
                     paths.push(p);
