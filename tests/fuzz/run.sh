@@ -93,6 +93,6 @@ echo "== fuzzing summary (${secs} s per target)"
 printf '   %s\n' "${summary[@]}"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "fuzzing FAILED: ${failed[*]} (reproducers in $fuzz_dir/artifacts/)"
-  exit 1
 fi
-echo "fuzzing: ${#targets[@]} targets ran without a crash"
+echo "fuzz: $((${#targets[@]} - ${#failed[@]})) passed, ${#failed[@]} failed"
+[ ${#failed[@]} -eq 0 ]
