@@ -583,6 +583,11 @@ impl<'a> Scanner<'a> {
                 ),
             ));
         }
+        if next > self.view.end() {
+            // The record is whole but the bytes end inside its alignment
+            // padding: never claim WAL past the bytes given.
+            return Err(self.truncated(rec));
+        }
         let next = if header.is_switch() {
             let seg = self.cfg.seg_size.bytes();
             Lsn(next.0.div_ceil(seg) * seg)

@@ -268,6 +268,31 @@ mod tests {
         );
     }
 
+    /// Found by the wal_scan fuzz target: bytes that end inside a record's
+    /// alignment padding made the scanner claim an end past them.
+    #[test]
+    fn bytes_ending_in_alignment_padding_are_not_claimed() {
+        let mut b = WalBuilder::new(Lsn(0), s1());
+        let first = b.message(10);
+        let second = b.message(11);
+        let at = second.0 as usize;
+        let tot = u32::from_le_bytes(b.bytes()[at..at + 4].try_into().unwrap()) as usize;
+        assert_ne!(tot % 8, 0, "the test needs a record of unaligned length");
+        let cut = at + tot;
+        let s = scan_segment(Lsn(0), &b.bytes()[..cut], ScanConfig::new(s1()));
+        assert!(s.end_lsn.0 <= cut as u64, "end {} past {cut:#X}", s.end_lsn);
+        assert_eq!(
+            (s.last_record, s.end_lsn, s.end.kind),
+            (Some(first), second, EndKind::Truncated)
+        );
+        let whole = cut.div_ceil(8) * 8;
+        let s = scan_segment(Lsn(0), &b.bytes()[..whole], ScanConfig::new(s1()));
+        assert_eq!(
+            (s.last_record, s.end_lsn),
+            (Some(second), Lsn(whole as u64))
+        );
+    }
+
     #[test]
     fn switch_ends_the_segment() {
         let mut b = WalBuilder::new(Lsn(0), s1());
