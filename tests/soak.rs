@@ -220,10 +220,11 @@ fn acknowledged_bytes_lost(spool: &std::path::Path, c: &Cluster, start: Lsn, hig
         let theirs = std::fs::read(c.archive.as_ref().unwrap().join(&name))
             .or_else(|_| std::fs::read(c.pg_wal().join(&name)))
             .unwrap_or_default();
-        for i in a..b {
-            if ours.get(i).is_none() || ours.get(i) != theirs.get(i) {
-                lost += 1;
-            }
+        let (o, t) = (ours.get(a..b), theirs.get(a..b));
+        if o.is_none() || o != t {
+            lost += (a..b)
+                .filter(|&i| ours.get(i).is_none() || ours.get(i) != theirs.get(i))
+                .count() as u64;
         }
         at = upto;
     }
