@@ -49,11 +49,37 @@ fn pg_switch_wal_on_an_idle_server_completes_the_segment_with_its_padding() {
     // Flush now sits exactly on the segment boundary: the quirk case.
     let after = flush_lsn(&c);
     assert_eq!(after.0 % SEG, 0, "idle switch ends on a boundary");
+    // What pg_walfile_name_offset says of a boundary changed in 17; the
+    // shipper's cross-check knows both.
+    let row = c
+        .psql(&format!(
+            "select file_name, file_offset from pg_walfile_name_offset('{after}')"
+        ))
+        .unwrap();
+    let (name, off) = row.split_once('|').unwrap();
+    let fp = waltail::pg::client::FlushPoint {
+        lsn: after,
+        file_name: name.to_string(),
+        file_offset: off.parse().unwrap(),
+    };
+    let seg_size = waltail::wal::SegmentSize::new(SEG).unwrap();
+    assert!(
+        waltail::ship::check_name_quirk(&fp, seg_size, c.bin.major),
+        "PostgreSQL {}: pg_walfile_name_offset('{after}') = {row}",
+        c.bin.major
+    );
+    assert_eq!(off, "0");
+    assert_eq!(name == seg, c.bin.major < 17, "{row} after {seg}");
     wait_durable(&spool, after, 30, &[&rx, &tx]);
     let ours = wait_file(&spool.join(&seg), 10);
     let theirs = wait_file(&c.archive.clone().unwrap().join(&seg), 30);
     assert!(ours == theirs, "switched segment {seg} differs");
     assert!(!spool.join(format!("{seg}.partial")).exists());
+    assert!(
+        !tx.log_text().contains("names an unexpected segment"),
+        "{}",
+        tx.log_text()
+    );
 }
 
 #[test]
