@@ -82,6 +82,42 @@ fn pg_switch_wal_on_an_idle_server_completes_the_segment_with_its_padding() {
     );
 }
 
+/// A switch in a 64 MB segment with the smallest wal_buffers: the padding
+/// goes out through the buffers a few pages at a time, and the flush
+/// position walks through zero pages before the segment is complete. The
+/// shipper waits there (it once stopped, taking the zeros for a recycled
+/// file) and the spool ends up identical to the archive.
+#[test]
+fn switches_in_64mb_segments_are_shipped_while_their_padding_is_flushed() {
+    const SEG64: u64 = 64 << 20;
+    let w = Workdir::new();
+    let c = cluster(
+        "stream-switch64",
+        ClusterOptions {
+            wal_segsize_mb: 64,
+            archive: true,
+            settings: vec![("wal_buffers".into(), "32kB".into())],
+            ..Default::default()
+        },
+    );
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let mut tx = start_shipper(&w, &c, &addr, &secret, &["--interval", "1ms"]);
+    c.psql("create table t(i int)").unwrap();
+    for _ in 0..4 {
+        c.psql("insert into t select generate_series(1, 500)")
+            .unwrap();
+        c.psql("select pg_switch_wal()").unwrap();
+        assert!(tx.running(), "shipper stopped:\n{}", tx.log_text());
+    }
+    c.psql("insert into t values (0)").unwrap();
+    wait_durable(&spool, flush_lsn(&c), 60, &[&rx, &tx]);
+    assert!(tx.running(), "shipper stopped:\n{}", tx.log_text());
+    let n = assert_spool_matches(&spool, &c, SEG64);
+    assert!(n >= 3, "{n} complete segments");
+}
+
 #[test]
 fn kills_of_ship_and_receive_mid_segment_lose_and_duplicate_nothing() {
     let seed = seed();
