@@ -20,11 +20,12 @@ struct Setup {
 }
 
 fn setup(name: &str, style: &str) -> Setup {
-    setup_with(name, style, 1)
+    setup_with(name, style, 1, "auto")
 }
 
-/// `setup` with the primary's WAL segments of `seg_mb` MB.
-fn setup_with(name: &str, style: &str, seg_mb: u32) -> Setup {
+/// `setup` with the primary's WAL segments of `seg_mb` MB and init-standby's
+/// `--method`.
+fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
     let w = Workdir::new();
     let primary = cluster(
         &format!("{name}-primary"),
@@ -51,12 +52,18 @@ fn setup_with(name: &str, style: &str, seg_mb: u32) -> Setup {
         spool.to_str().unwrap(),
         "--style",
         style,
+        "--method",
+        method,
     ]);
     assert!(
         out.status.success(),
         "init-standby: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let said = String::from_utf8_lossy(&out.stdout);
+    if method == "copy" {
+        assert!(said.contains("during a low-level backup"), "{said}");
+    }
     let signal = if style == "standby" {
         "standby.signal"
     } else {
@@ -164,7 +171,7 @@ fn failover(s: &Setup) -> serde_json::Value {
 }
 
 fn kill_and_fail_over(style: &str, seg_mb: u32) {
-    let mut s = setup_with(&format!("kill-{style}-{seg_mb}mb"), style, seg_mb);
+    let mut s = setup_with(&format!("kill-{style}-{seg_mb}mb"), style, seg_mb, "auto");
     let stop = CancellationToken::new();
     let load = start_load(s.primary.conninfo(), 20, stop.clone());
     std::thread::sleep(Duration::from_millis(2500));
@@ -275,6 +282,72 @@ fn kill_and_fail_over_recovery_signal_style() {
 #[test]
 fn kill_and_fail_over_with_64mb_segments() {
     kill_and_fail_over("standby", 64);
+}
+
+/// `init-standby --method copy` (the primary's data directory copied during
+/// a low-level backup: pg_backup_start/stop on 15+, pg_start/stop_backup on
+/// 13 and 14) makes a standby that follows the primary; `--method
+/// basebackup` without a pg_basebackup for the primary's version says so.
+#[test]
+fn init_standby_by_copy_follows_the_primary() {
+    let s = setup_with("copy", "standby", 1, "copy");
+    let bin = s.primary.bin.clone();
+    let other = s.w.path("other");
+    let out = waltail(&[
+        "init-standby",
+        "--primary",
+        &s.primary.conninfo(),
+        "--pgdata",
+        other.to_str().unwrap(),
+        "--spool",
+        s.spool.to_str().unwrap(),
+        "--method",
+        "basebackup",
+    ]);
+    if bin.find_tool("pg_basebackup").is_none() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "no pg_basebackup of PostgreSQL {} or newer",
+                bin.major
+            )),
+            "{err}"
+        );
+    } else {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The backup's label was used (and set aside) by recovery.
+    assert!(!s.standby.data.join("backup_label").exists());
+    assert!(s.standby.data.join("backup_label.old").exists());
+    s.primary
+        .psql("insert into t select generate_series(1, 100)")
+        .unwrap();
+    wait_durable(&s.spool, flush_lsn(&s.primary), 30, &[&s.rx, &s.tx]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = s
+            .standby
+            .psql("select count(*) from t")
+            .unwrap()
+            .parse()
+            .unwrap();
+        if n == 100 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "standby sees {n} of 100 rows; log:\n{}",
+            s.standby.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(s.standby.psql("select pg_is_in_recovery()").unwrap(), "t");
 }
 
 #[test]
