@@ -16,8 +16,6 @@ use memmap2::Mmap;
 use crate::fsio::map_readonly;
 use crate::wal::page::{SIZE_OF_LONG_PHD, SIZE_OF_SHORT_PHD};
 use crate::wal::scan::check_page_headers;
-#[cfg(test)]
-use crate::wal::XLOG_BLCKSZ;
 use crate::wal::{Lsn, PageChecker, PageError, SegmentName, SegmentSize, TimelineId};
 
 #[derive(Debug, thiserror::Error)]
