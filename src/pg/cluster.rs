@@ -394,11 +394,19 @@ impl Cluster {
                     self.log_tail(30)
                 );
             }
-            let st = Command::new(self.bin.tool("pg_isready"))
+            let isready = self.bin.tool("pg_isready");
+            let st = Command::new(&isready)
                 .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
                 .args(["-p", &self.port.to_string()])
-                .status();
-            if matches!(st, Ok(s) if s.success()) {
+                .status()
+                .with_context(|| {
+                    format!(
+                        "cannot run {} (not in {} nor in another installed PostgreSQL)",
+                        isready.display(),
+                        self.bin.dir.display()
+                    )
+                })?;
+            if st.success() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -471,12 +479,19 @@ impl Cluster {
 
     /// Runs SQL with psql and returns its unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> Result<String> {
-        let out = Command::new(self.bin.tool("psql"))
+        let psql = self.bin.tool("psql");
+        let out = Command::new(&psql)
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
             .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
             .args(["-p", &self.port.to_string(), "-c", sql])
             .output()
-            .context("running psql")?;
+            .with_context(|| {
+                format!(
+                    "cannot run {} (not in {} nor in another installed PostgreSQL)",
+                    psql.display(),
+                    self.bin.dir.display()
+                )
+            })?;
         if !out.status.success() {
             bail!(
                 "psql on {} failed: {sql}: {}",
