@@ -265,3 +265,29 @@ pub async fn init_standby(
         how,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_prefetch_is_set_only_where_it_exists() {
+        let conf = |style, major| {
+            recovery_settings(
+                Path::new("/usr/bin/waltail"),
+                Path::new("/spool"),
+                style,
+                Duration::from_millis(100),
+                major,
+            )
+        };
+        for major in [13, 14] {
+            assert!(!conf(Style::Recovery, major).contains("recovery_prefetch"));
+        }
+        for major in [15, 16, 17, 18] {
+            assert!(conf(Style::Recovery, major).contains("recovery_prefetch = off"));
+            assert!(!conf(Style::Standby, major).contains("recovery_prefetch"));
+        }
+        assert!(conf(Style::Recovery, 17).contains("--spool /spool --wait'"));
+    }
+}

@@ -131,8 +131,9 @@ pub fn waldump(file: &Path) -> Dump {
         Some(b) => u16::from_le_bytes([b[0], b[1]]),
         None => panic!("{}: too short to be WAL", file.display()),
     };
-    let major = waltail::wal::page::major_version_of_magic(magic)
-        .unwrap_or_else(|| panic!("{}: page magic {magic:#06X}", file.display()));
+    // A magic no version writes (a bit flip in a fixture): any pg_waldump
+    // refuses the file; the fixtures' own (15) is the one that must be there.
+    let major = waltail::wal::page::major_version_of_magic(magic).unwrap_or(15);
     let tool = waldump_of(major).unwrap_or_else(|| {
         panic!("no pg_waldump of PostgreSQL {major} installed (install postgresql-{major}): it is the ground truth for WAL of {major}")
     });
