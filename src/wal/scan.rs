@@ -634,11 +634,18 @@ impl ScanSummary {
                 );
             }
         }
+        // Bytes that end exactly where the last record does, short of its
+        // alignment padding: the next record would start past them, but the
+        // WAL found ends with the bytes given.
+        let mut end_lsn = s.end_lsn();
+        if e.kind == EndKind::Truncated {
+            end_lsn = end_lsn.min(s.view.end());
+        }
         ScanSummary {
             records,
             first_record,
             last_record: last.map(|r| r.lsn),
-            end_lsn: s.end_lsn(),
+            end_lsn,
             end: e,
         }
     }
