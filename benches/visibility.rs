@@ -48,6 +48,7 @@ async fn one(retry_ms: u64, exe: &std::path::Path) {
         &spool,
         Style::Standby,
         Duration::from_millis(retry_ms),
+        waltail::standby::Method::Auto,
     )
     .await
     .unwrap();

@@ -288,7 +288,7 @@ pub enum Command {
     /// Make a standby data directory fed from the spool (base backup + recovery settings).
     #[command(
         name = "init-standby",
-        after_help = "Example:\n  waltail init-standby --primary 'host=primary.example.com user=postgres' \\\n      --pgdata /var/lib/postgresql/15/standby --spool /var/lib/waltail/spool --style standby\n\nExit codes: 0 done, 1 failed, 2 bad arguments."
+        after_help = "Example:\n  waltail init-standby --primary 'host=primary.example.com user=postgres' \\\n      --pgdata /var/lib/postgresql/15/standby --spool /var/lib/waltail/spool --style standby\n\nWith --method copy (or auto, when no pg_basebackup for the primary's version is installed) the\nprimary must run on this host: its data directory is copied between pg_backup_start and\npg_backup_stop (pg_start_backup/pg_stop_backup on 13 and 14), with the WAL of the backup.\n\nExit codes: 0 done, 1 failed, 2 bad arguments."
     )]
     InitStandby {
         #[arg(long, env = "WALTAIL_PRIMARY")]
@@ -302,6 +302,11 @@ pub enum Command {
         /// wal_retrieve_retry_interval: how soon recovery reads a growing segment again.
         #[arg(long, default_value = "100ms", value_parser = parse_duration)]
         retry_interval: Duration,
+        /// How to take the base backup: pg_basebackup, or copy the data directory of a
+        /// primary on this host during a low-level backup; auto: pg_basebackup if one for
+        /// the primary's version is installed, else copy.
+        #[arg(long, value_enum, default_value = "auto")]
+        method: crate::standby::Method,
     },
 }
 
@@ -871,6 +876,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             spool,
             style,
             retry_interval,
+            method,
         } => match runtime().0.block_on(crate::standby::init_standby(
             &std::env::current_exe().unwrap_or_else(|_| "waltail".into()),
             &primary,
@@ -878,13 +884,15 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             &spool,
             style,
             retry_interval,
+            method,
         )) {
-            Ok(p) => {
+            Ok(made) => {
                 println!(
-                    "standby data directory ready in {} ({} style); start it with pg_ctl -D {} start",
-                    p.display(),
+                    "standby data directory ready in {} ({} style; {}); start it with pg_ctl -D {} start",
+                    made.pgdata.display(),
                     style.signal_file(),
-                    p.display()
+                    made.how,
+                    made.pgdata.display()
                 );
                 EXIT_OK
             }

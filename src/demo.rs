@@ -93,7 +93,7 @@ async fn run_inner(opts: &DemoOptions) -> Result<DemoResult> {
     load::create_table(&primary.conninfo(), "demo").await?;
 
     say(format!(
-        "making the standby (pg_basebackup, {} style)",
+        "making the standby (waltail init-standby, {} style)",
         opts.style.signal_file()
     ));
     let pgdata = path("standby");
@@ -104,6 +104,7 @@ async fn run_inner(opts: &DemoOptions) -> Result<DemoResult> {
         &spool,
         opts.style,
         Duration::from_millis(100),
+        crate::standby::Method::Auto,
     )
     .await?;
     let mut standby = Cluster::adopt("demo-standby", &pgdata)?;

@@ -1,7 +1,9 @@
 //! `waltail init-standby`: one command from nothing to a standby fed by the spool.
 //!
 //! It takes a base backup of the primary (pg_basebackup, WAL streamed into the
-//! backup so it is consistent on its own) and writes the recovery settings:
+//! backup so it is consistent on its own; or, `--method copy`, a copy of the
+//! data directory of a primary on the same host taken during a low-level
+//! backup, see [`crate::pg::backup`]) and writes the recovery settings:
 //!
 //! * `restore_command = '<waltail> restore %f %p --spool <dir>'`, with `--wait`
 //!   for the recovery.signal style;
@@ -21,6 +23,26 @@ use anyhow::{bail, Context, Result};
 
 use crate::pg::cluster::RunAs;
 use crate::pg::PgBin;
+
+/// How init-standby takes the base backup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// pg_basebackup when one that accepts the primary's version is installed,
+    /// else `copy` when the primary runs on this host.
+    Auto,
+    /// pg_basebackup (of the primary's major version or newer).
+    Basebackup,
+    /// Copy the primary's data directory (same host) during a low-level backup.
+    Copy,
+}
+
+/// What init-standby made.
+#[derive(Clone, Debug)]
+pub struct StandbyMade {
+    pub pgdata: PathBuf,
+    /// How the base backup was taken, for the user.
+    pub how: String,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Style {
@@ -142,7 +164,8 @@ pub async fn init_standby(
     spool: &Path,
     style: Style,
     retry: Duration,
-) -> Result<PathBuf> {
+    method: Method,
+) -> Result<StandbyMade> {
     if pgdata.exists()
         && std::fs::read_dir(pgdata)
             .map(|mut d| d.next().is_some())
@@ -153,13 +176,40 @@ pub async fn init_standby(
             pgdata.display()
         );
     }
-    let bin = PgBin::find().map_err(anyhow::Error::msg)?;
+    let local = PgBin::find().map_err(anyhow::Error::msg)?;
+    let info = {
+        let c = crate::pg::client::connect(primary).await?;
+        crate::pg::client::server_info(&c).await?
+    };
+    let major = info.major();
+    // Client tools are picked for the primary's version.
+    let bin = PgBin { major, ..local };
+    let basebackup = bin.find_tool("pg_basebackup");
+    let no_basebackup = || {
+        format!(
+            "no pg_basebackup of PostgreSQL {major} or newer is installed (looked in {}, /usr/lib/postgresql/*/bin, /usr/pgsql-*/bin and PATH)",
+            bin.dir.display()
+        )
+    };
+    let use_copy = match (method, &basebackup) {
+        (Method::Copy, _) => true,
+        (Method::Basebackup, None) => bail!(
+            "{}: install one, or use --method copy when the primary runs on this host",
+            no_basebackup()
+        ),
+        (Method::Basebackup, Some(_)) | (Method::Auto, Some(_)) => false,
+        (Method::Auto, None) => {
+            crate::pg::backup::check_same_cluster(Path::new(&info.data_directory), info.sysid)
+                .with_context(|| {
+                    format!(
+                        "{}, and a copy backup is not possible either",
+                        no_basebackup()
+                    )
+                })?;
+            true
+        }
+    };
     let owner = RunAs::for_servers()?;
-    let mut cmd = Command::new(bin.tool("pg_basebackup"));
-    cmd.arg("-D")
-        .arg(pgdata)
-        .args(["-X", "stream", "-c", "fast", "-d"])
-        .arg(crate::pg::client::conninfo_with_env(primary));
     if let Some(r) = owner {
         if let Some(parent) = pgdata.parent() {
             std::fs::create_dir_all(parent)?;
@@ -167,22 +217,77 @@ pub async fn init_standby(
         std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
             .create(pgdata)?;
         r.chown(pgdata)?;
-        r.apply(&mut cmd);
     }
-    let out = cmd.output().context("running pg_basebackup")?;
-    if !out.status.success() {
-        bail!(
-            "pg_basebackup failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let how = if use_copy {
+        let b = crate::pg::backup::copy_backup(primary, pgdata, owner)
+            .await
+            .context("copy backup")?;
+        let why = if method == Method::Auto {
+            format!(" ({})", no_basebackup())
+        } else {
+            String::new()
+        };
+        format!(
+            "base backup by copying {} during a low-level backup, {} to {}{why}",
+            b.source.display(),
+            b.start_lsn,
+            b.stop_lsn
+        )
+    } else {
+        let tool = basebackup.expect("checked above");
+        let mut cmd = Command::new(&tool);
+        cmd.arg("-D")
+            .arg(pgdata)
+            .args(["-X", "stream", "-c", "fast", "-d"])
+            .arg(crate::pg::client::conninfo_with_env(primary));
+        if let Some(r) = owner {
+            r.apply(&mut cmd);
+        }
+        let out = cmd.output().context("running pg_basebackup")?;
+        if !out.status.success() {
+            bail!(
+                "pg_basebackup failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        format!("base backup by {}", tool.display())
+    };
     let spool = std::path::absolute(spool)?;
-    configure(pgdata, exe, &spool, style, retry, owner, bin.major)?;
+    configure(pgdata, exe, &spool, style, retry, owner, major)?;
     if style == Style::Recovery {
         let c = crate::pg::client::connect(primary).await?;
         c.query_one("SELECT pg_switch_wal()::text", &[])
             .await
             .context("pg_switch_wal() on the primary after the base backup")?;
     }
-    Ok(pgdata.to_path_buf())
+    Ok(StandbyMade {
+        pgdata: pgdata.to_path_buf(),
+        how,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_prefetch_is_set_only_where_it_exists() {
+        let conf = |style, major| {
+            recovery_settings(
+                Path::new("/usr/bin/waltail"),
+                Path::new("/spool"),
+                style,
+                Duration::from_millis(100),
+                major,
+            )
+        };
+        for major in [13, 14] {
+            assert!(!conf(Style::Recovery, major).contains("recovery_prefetch"));
+        }
+        for major in [15, 16, 17, 18] {
+            assert!(conf(Style::Recovery, major).contains("recovery_prefetch = off"));
+            assert!(!conf(Style::Standby, major).contains("recovery_prefetch"));
+        }
+        assert!(conf(Style::Recovery, 17).contains("--spool /spool --wait'"));
+    }
 }

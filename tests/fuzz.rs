@@ -76,3 +76,20 @@ proptest! {
         let _ = s.parse::<Lsn>();
     }
 }
+
+/// The case the fuzz test found: bytes that end exactly where a record ends,
+/// short of its alignment padding. The scan keeps the record and claims no
+/// byte past those given.
+#[test]
+fn bytes_ending_at_a_records_unaligned_end_claim_nothing_past_them() {
+    let fx = fixture_bytes();
+    let (start, b) = fx
+        .iter()
+        .find(|(s, _)| *s == Lsn(0x600000))
+        .expect("the switch fixture, segment 000000010000000000000006");
+    let cut = 0x680c6; // the end of the record at 0/668058, 2 bytes short of 0/6680C8
+    let s = scan_segment(*start, &b[..cut], ScanConfig::new(seg1()));
+    assert_eq!(s.last_record, Some(Lsn(0x668058)));
+    assert_eq!(s.end_lsn, Lsn(start.0 + cut as u64), "{:?}", s.end);
+    assert_eq!(s.end.kind, waltail::wal::EndKind::Truncated);
+}

@@ -20,8 +20,20 @@ struct Setup {
 }
 
 fn setup(name: &str, style: &str) -> Setup {
+    setup_with(name, style, 1, "auto")
+}
+
+/// `setup` with the primary's WAL segments of `seg_mb` MB and init-standby's
+/// `--method`.
+fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
     let w = Workdir::new();
-    let primary = small_cluster(&format!("{name}-primary"));
+    let primary = cluster(
+        &format!("{name}-primary"),
+        ClusterOptions {
+            wal_segsize_mb: seg_mb,
+            ..Default::default()
+        },
+    );
     let secret = w.secret("secret", SECRET);
     let spool = w.path("spool");
     let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
@@ -40,12 +52,18 @@ fn setup(name: &str, style: &str) -> Setup {
         spool.to_str().unwrap(),
         "--style",
         style,
+        "--method",
+        method,
     ]);
     assert!(
         out.status.success(),
         "init-standby: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let said = String::from_utf8_lossy(&out.stdout);
+    if method == "copy" {
+        assert!(said.contains("during a low-level backup"), "{said}");
+    }
     let signal = if style == "standby" {
         "standby.signal"
     } else {
@@ -53,7 +71,7 @@ fn setup(name: &str, style: &str) -> Setup {
     };
     assert!(pgdata.join(signal).exists());
     let mut standby = Cluster::adopt(&format!("{name}-standby"), &pgdata).unwrap();
-    if let Err(e) = standby.start() {
+    if let Err(e) = start_hot_standby(&mut standby, &primary) {
         let mut ls: Vec<_> = std::fs::read_dir(&spool)
             .unwrap()
             .flatten()
@@ -79,6 +97,27 @@ fn setup(name: &str, style: &str) -> Setup {
         tx,
         spool,
         standby,
+    }
+}
+
+/// Starts the standby and waits until it takes queries. A hot standby does
+/// once it has replayed a running-transactions record that shows no
+/// transaction in progress; the one in the backup's checkpoint may show one
+/// (autovacuum's, say) and an idle primary writes no other, so a checkpoint
+/// on the primary every few seconds writes a fresh one.
+fn start_hot_standby(standby: &mut Cluster, primary: &Cluster) -> anyhow::Result<()> {
+    standby.spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        match standby.wait_ready(Duration::from_secs(3)) {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline || !standby.is_running() => {
+                return Err(e)
+            }
+            Err(_) => {
+                primary.psql("checkpoint")?;
+            }
+        }
     }
 }
 
@@ -131,8 +170,8 @@ fn failover(s: &Setup) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn kill_and_fail_over(style: &str) {
-    let mut s = setup(&format!("kill-{style}"), style);
+fn kill_and_fail_over(style: &str, seg_mb: u32) {
+    let mut s = setup_with(&format!("kill-{style}-{seg_mb}mb"), style, seg_mb, "auto");
     let stop = CancellationToken::new();
     let load = start_load(s.primary.conninfo(), 20, stop.clone());
     std::thread::sleep(Duration::from_millis(2500));
@@ -144,7 +183,11 @@ fn kill_and_fail_over(style: &str) {
             .unwrap()
             .parse()
             .unwrap();
-        assert!(seen > 0, "standby sees no commits while the primary writes");
+        assert!(
+            seen > 0,
+            "standby sees no commits while the primary writes; standby log:\n{}",
+            s.standby.log_tail(30)
+        );
     }
     s.primary.kill();
     let acked = load.join().unwrap();
@@ -233,12 +276,85 @@ fn kill_and_fail_over(style: &str) {
 
 #[test]
 fn kill_and_fail_over_standby_signal_style() {
-    kill_and_fail_over("standby");
+    kill_and_fail_over("standby", 1);
 }
 
 #[test]
 fn kill_and_fail_over_recovery_signal_style() {
-    kill_and_fail_over("recovery");
+    kill_and_fail_over("recovery", 1);
+}
+
+/// The same with 64 MB segments (the others use 1 MB): the last segment the
+/// failover cuts and publishes is mostly empty.
+#[test]
+fn kill_and_fail_over_with_64mb_segments() {
+    kill_and_fail_over("standby", 64);
+}
+
+/// `init-standby --method copy` (the primary's data directory copied during
+/// a low-level backup: pg_backup_start/stop on 15+, pg_start/stop_backup on
+/// 13 and 14) makes a standby that follows the primary; `--method
+/// basebackup` without a pg_basebackup for the primary's version says so.
+#[test]
+fn init_standby_by_copy_follows_the_primary() {
+    let s = setup_with("copy", "standby", 1, "copy");
+    let bin = s.primary.bin.clone();
+    let other = s.w.path("other");
+    let out = waltail(&[
+        "init-standby",
+        "--primary",
+        &s.primary.conninfo(),
+        "--pgdata",
+        other.to_str().unwrap(),
+        "--spool",
+        s.spool.to_str().unwrap(),
+        "--method",
+        "basebackup",
+    ]);
+    if bin.find_tool("pg_basebackup").is_none() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "no pg_basebackup of PostgreSQL {} or newer",
+                bin.major
+            )),
+            "{err}"
+        );
+    } else {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The backup's label was used (and set aside) by recovery.
+    assert!(!s.standby.data.join("backup_label").exists());
+    assert!(s.standby.data.join("backup_label.old").exists());
+    s.primary
+        .psql("insert into t select generate_series(1, 100)")
+        .unwrap();
+    wait_durable(&s.spool, flush_lsn(&s.primary), 30, &[&s.rx, &s.tx]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = s
+            .standby
+            .psql("select count(*) from t")
+            .unwrap()
+            .parse()
+            .unwrap();
+        if n == 100 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "standby sees {n} of 100 rows; log:\n{}",
+            s.standby.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(s.standby.psql("select pg_is_in_recovery()").unwrap(), "t");
 }
 
 #[test]

@@ -49,11 +49,73 @@ fn pg_switch_wal_on_an_idle_server_completes_the_segment_with_its_padding() {
     // Flush now sits exactly on the segment boundary: the quirk case.
     let after = flush_lsn(&c);
     assert_eq!(after.0 % SEG, 0, "idle switch ends on a boundary");
+    // What pg_walfile_name_offset says of a boundary changed in 17; the
+    // shipper's cross-check knows both.
+    let row = c
+        .psql(&format!(
+            "select file_name, file_offset from pg_walfile_name_offset('{after}')"
+        ))
+        .unwrap();
+    let (name, off) = row.split_once('|').unwrap();
+    let fp = waltail::pg::client::FlushPoint {
+        lsn: after,
+        file_name: name.to_string(),
+        file_offset: off.parse().unwrap(),
+    };
+    let seg_size = waltail::wal::SegmentSize::new(SEG).unwrap();
+    assert!(
+        waltail::ship::check_name_quirk(&fp, seg_size, c.bin.major),
+        "PostgreSQL {}: pg_walfile_name_offset('{after}') = {row}",
+        c.bin.major
+    );
+    assert_eq!(off, "0");
+    assert_eq!(name == seg, c.bin.major < 17, "{row} after {seg}");
     wait_durable(&spool, after, 30, &[&rx, &tx]);
     let ours = wait_file(&spool.join(&seg), 10);
     let theirs = wait_file(&c.archive.clone().unwrap().join(&seg), 30);
     assert!(ours == theirs, "switched segment {seg} differs");
     assert!(!spool.join(format!("{seg}.partial")).exists());
+    assert!(
+        !tx.log_text().contains("names an unexpected segment"),
+        "{}",
+        tx.log_text()
+    );
+}
+
+/// A switch in a 64 MB segment with the smallest wal_buffers: the padding
+/// goes out through the buffers a few pages at a time, and the flush
+/// position walks through zero pages before the segment is complete. The
+/// shipper waits there (it once stopped, taking the zeros for a recycled
+/// file) and the spool ends up identical to the archive.
+#[test]
+fn switches_in_64mb_segments_are_shipped_while_their_padding_is_flushed() {
+    const SEG64: u64 = 64 << 20;
+    let w = Workdir::new();
+    let c = cluster(
+        "stream-switch64",
+        ClusterOptions {
+            wal_segsize_mb: 64,
+            archive: true,
+            settings: vec![("wal_buffers".into(), "32kB".into())],
+            ..Default::default()
+        },
+    );
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let mut tx = start_shipper(&w, &c, &addr, &secret, &["--interval", "1ms"]);
+    c.psql("create table t(i int)").unwrap();
+    for _ in 0..4 {
+        c.psql("insert into t select generate_series(1, 500)")
+            .unwrap();
+        c.psql("select pg_switch_wal()").unwrap();
+        assert!(tx.running(), "shipper stopped:\n{}", tx.log_text());
+    }
+    c.psql("insert into t values (0)").unwrap();
+    wait_durable(&spool, flush_lsn(&c), 60, &[&rx, &tx]);
+    assert!(tx.running(), "shipper stopped:\n{}", tx.log_text());
+    let n = assert_spool_matches(&spool, &c, SEG64);
+    assert!(n >= 3, "{n} complete segments");
 }
 
 #[test]

@@ -212,6 +212,7 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
                 &p("spool"),
                 crate::standby::Style::Standby,
                 Duration::from_millis(100),
+                crate::standby::Method::Auto,
             )
             .await?;
             let mut s = Cluster::adopt("bench-standby", &pgdata)?;

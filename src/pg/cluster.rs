@@ -190,29 +190,47 @@ impl Cluster {
 
     /// Makes a new cluster from a base backup of `primary` (pg_basebackup,
     /// WAL streamed into the backup), configured but not started and with no
-    /// signal file: the caller makes it a standby.
+    /// signal file: the caller makes it a standby. Without a pg_basebackup
+    /// that accepts the primary's version (the npm builds have none, and an
+    /// older one refuses a newer server), the data directory is copied
+    /// during a low-level backup instead ([`super::backup`]).
     pub fn from_base_backup(
         primary: &Cluster,
         name: &str,
         opts: &ClusterOptions,
     ) -> Result<Cluster> {
         let mut c = Cluster::empty(primary.bin.clone(), name)?;
-        let mut cmd = c.command(&c.bin.tool("pg_basebackup"));
-        cmd.arg("-D")
-            .arg(&c.data)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-                "--no-sync",
-            ])
-            .args(["-p", &primary.port.to_string()]);
-        c.run_quiet(cmd, "pg_basebackup")?;
+        if let Some(tool) = c.bin.find_tool("pg_basebackup") {
+            let mut cmd = c.command(&tool);
+            cmd.arg("-D")
+                .arg(&c.data)
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                ])
+                .args(["-p", &primary.port.to_string()]);
+            c.run_quiet(cmd, "pg_basebackup")?;
+        } else {
+            let (conninfo, data, owner) = (primary.conninfo(), c.data.clone(), c.run_as);
+            // A thread of its own: the caller may be inside a tokio runtime.
+            std::thread::spawn(move || -> Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(super::backup::copy_backup(&conninfo, &data, owner))?;
+                Ok(())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the copy backup thread panicked"))?
+            .context("copy backup (no pg_basebackup for this server version)")?;
+        }
         // The copied postgresql.conf names the primary's socket directory and archive.
         c.append_conf(&format!(
             "\n# standby copy\nunix_socket_directories = '{}'\narchive_mode = off\n",
@@ -377,11 +395,19 @@ impl Cluster {
                     self.log_tail(30)
                 );
             }
-            let st = Command::new(self.bin.tool("pg_isready"))
+            let isready = self.bin.tool("pg_isready");
+            let st = Command::new(&isready)
                 .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
                 .args(["-p", &self.port.to_string()])
-                .status();
-            if matches!(st, Ok(s) if s.success()) {
+                .status()
+                .with_context(|| {
+                    format!(
+                        "cannot run {} (not in {} nor in another installed PostgreSQL)",
+                        isready.display(),
+                        self.bin.dir.display()
+                    )
+                })?;
+            if st.success() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -454,12 +480,19 @@ impl Cluster {
 
     /// Runs SQL with psql and returns its unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> Result<String> {
-        let out = Command::new(self.bin.tool("psql"))
+        let psql = self.bin.tool("psql");
+        let out = Command::new(&psql)
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
             .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
             .args(["-p", &self.port.to_string(), "-c", sql])
             .output()
-            .context("running psql")?;
+            .with_context(|| {
+                format!(
+                    "cannot run {} (not in {} nor in another installed PostgreSQL)",
+                    psql.display(),
+                    self.bin.dir.display()
+                )
+            })?;
         if !out.status.success() {
             bail!(
                 "psql on {} failed: {sql}: {}",

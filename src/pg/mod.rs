@@ -2,8 +2,10 @@
 //!
 //! * [`bin`]: finding the server binaries of an installed PostgreSQL;
 //! * [`cluster`]: throwaway clusters (initdb, start, stop, kill, base backups)
-//!   on free loopback ports, used by `waltail demo`, `waltail bench` and the tests.
+//!   on free loopback ports, used by `waltail demo`, `waltail bench` and the tests;
+//! * [`backup`]: base backups by copying the data directory (same host).
 
+pub mod backup;
 pub mod bin;
 pub mod client;
 pub mod cluster;

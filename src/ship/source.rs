@@ -143,6 +143,19 @@ impl WalSource {
                     && map[(at.0 - seg_start.0) as usize..hi]
                         .iter()
                         .all(|&b| b == 0) => {}
+            // The padding is written through wal_buffers, so while a switch
+            // fills a segment bigger than wal_buffers (64 MB segments, 1 MB
+            // of buffers) the flush position walks through zero pages before
+            // it reaches the segment's end. Send what lies before them and
+            // look again at the next poll: the segment either completes (the
+            // case above) or was not zero there after all.
+            Err(PageError::Zeroed { at }) if !complete => {
+                if at <= from {
+                    return Ok((from, &[]));
+                }
+                let a = (from.0 - seg_start.0) as usize;
+                return Ok((at, &map[a..(at.0 - seg_start.0) as usize]));
+            }
             Err(e) => {
                 return Err(SourceError::Gone {
                     name: seg.file_name(seg_size),
@@ -153,5 +166,65 @@ impl WalSource {
         }
         let a = (from.0 - seg_start.0) as usize;
         Ok((to, &map[a..hi]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::synth::WalBuilder;
+    use crate::wal::XLOG_BLCKSZ;
+
+    /// A segment half-way through its switch padding: flushed up to the
+    /// middle of the zero pages, not yet to the segment's end.
+    #[test]
+    fn zero_pages_of_a_switch_being_flushed_are_waited_for_not_fatal() {
+        let seg = SegmentSize::new(1 << 20).unwrap();
+        let start = Lsn(1 << 20);
+        let mut b = WalBuilder::new(start, seg);
+        b.fill(20_000, &[100, 3000]);
+        let switch = b.switch();
+        let sysid = b.sysid;
+        let bytes = b.into_bytes();
+        let dir = tempfile::tempdir().unwrap();
+        let name = SegmentName::of_lsn(TimelineId(1), start, seg).file_name(seg);
+        std::fs::write(dir.path().join(&name), &bytes).unwrap();
+        let mut src = WalSource::new(dir.path().to_path_buf(), seg, sysid);
+        let first_zero_page = Lsn(switch.0 + XLOG_BLCKSZ - switch.page_offset());
+        let mid_padding = Lsn(start.0 + 600_000);
+        // Flushed into the padding: everything up to the first zero page.
+        let (got, data) = src.read(TimelineId(1), start, mid_padding, false).unwrap();
+        assert_eq!(got, first_zero_page);
+        assert_eq!(data, &bytes[..(got.0 - start.0) as usize]);
+        // Nothing more until the segment is complete.
+        let (again, data) = src.read(TimelineId(1), got, mid_padding, false).unwrap();
+        assert_eq!((again, data.len()), (got, 0));
+        // Complete: the padding goes out.
+        let end = Lsn(start.0 + seg.bytes());
+        let (done, data) = src.read(TimelineId(1), got, end, true).unwrap();
+        assert_eq!(done, end);
+        assert!(data.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn a_stale_page_below_the_flush_position_is_gone() {
+        let seg = SegmentSize::new(1 << 20).unwrap();
+        let start = Lsn(1 << 20);
+        let mut b = WalBuilder::new(start, seg);
+        b.fill(40_000, &[100, 3000]);
+        b.zero_to_segment_end();
+        let sysid = b.sysid;
+        let mut bytes = b.into_bytes();
+        // The third page claims to be from another segment (a recycled file).
+        let p = 2 * XLOG_BLCKSZ as usize;
+        bytes[p + 8..p + 16].copy_from_slice(&(3u64 << 20).to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let name = SegmentName::of_lsn(TimelineId(1), start, seg).file_name(seg);
+        std::fs::write(dir.path().join(&name), &bytes).unwrap();
+        let mut src = WalSource::new(dir.path().to_path_buf(), seg, sysid);
+        let err = src
+            .read(TimelineId(1), start, Lsn(start.0 + 30_000), false)
+            .unwrap_err();
+        assert!(matches!(err, SourceError::Gone { .. }), "{err}");
     }
 }

@@ -442,6 +442,15 @@ impl<'a> Scanner<'a> {
 
     fn read_one(&mut self) -> Result<Step, End> {
         let mut rec = self.next;
+        if rec >= self.view.end() && self.cfg.limit.is_none_or(|l| rec < l) {
+            // The bytes given end here (inside the last record's padding,
+            // when `rec` is not aligned): nothing more to read.
+            return Err(end(
+                EndKind::Truncated,
+                rec,
+                format!("the bytes given end at {rec}"),
+            ));
+        }
         let page_lsn = rec.page_lsn();
         let hdr = self.page(page_lsn)?;
         let hsize = hdr.size() as u64;
@@ -583,16 +592,14 @@ impl<'a> Scanner<'a> {
                 ),
             ));
         }
-        if next > self.view.end() {
-            // The record is whole but the bytes end inside its alignment
-            // padding: never claim WAL past the bytes given.
-            return Err(self.truncated(rec));
-        }
         let next = if header.is_switch() {
             let seg = self.cfg.seg_size.bytes();
             Lsn(next.0.div_ceil(seg) * seg)
         } else {
-            next
+            // Bytes that end inside the record's alignment padding: the
+            // record is whole (xlogreader reads xl_tot_len bytes), but the
+            // WAL known ends with the bytes given, not past them.
+            next.min(self.view.end())
         };
         Ok(Step::Record(Record {
             lsn: rec,
@@ -639,11 +646,18 @@ impl ScanSummary {
                 );
             }
         }
+        // Bytes that end exactly where the last record does, short of its
+        // alignment padding: the next record would start past them, but the
+        // WAL found ends with the bytes given.
+        let mut end_lsn = s.end_lsn();
+        if e.kind == EndKind::Truncated {
+            end_lsn = end_lsn.min(s.view.end());
+        }
         ScanSummary {
             records,
             first_record,
             last_record: last.map(|r| r.lsn),
-            end_lsn: s.end_lsn(),
+            end_lsn,
             end: e,
         }
     }

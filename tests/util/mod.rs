@@ -124,14 +124,32 @@ pub fn parse_waldump(text: &str) -> Dump {
     d
 }
 
-/// Runs pg_waldump on one file (named like the segment it holds).
+/// Runs pg_waldump on one file (named like the segment it holds): the
+/// pg_waldump of the PostgreSQL version that wrote it (pg_waldump reads only
+/// its own version's WAL), which must be installed.
 pub fn waldump(file: &Path) -> Dump {
-    let out = Command::new(pg_bin().tool("pg_waldump"))
+    let bytes = std::fs::read(file).unwrap_or_default();
+    let magic = match bytes.get(..2) {
+        Some(b) => u16::from_le_bytes([b[0], b[1]]),
+        None => panic!("{}: too short to be WAL", file.display()),
+    };
+    // A magic no version writes (a bit flip in a fixture): any pg_waldump
+    // refuses the file; the fixtures' own (15) is the one that must be there.
+    let major = waltail::wal::page::major_version_of_magic(magic).unwrap_or(15);
+    let tool = waldump_of(major).unwrap_or_else(|| {
+        panic!("no pg_waldump of PostgreSQL {major} installed (install postgresql-{major}): it is the ground truth for WAL of {major}")
+    });
+    let out = Command::new(tool)
         .arg(file.file_name().unwrap())
         .current_dir(file.parent().unwrap())
         .output()
         .expect("running pg_waldump");
     parse_waldump(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The pg_waldump of PostgreSQL `major`, if installed.
+pub fn waldump_of(major: u32) -> Option<PathBuf> {
+    pg_bin().tool_of_major("pg_waldump", major)
 }
 
 pub fn waltail_bin() -> PathBuf {
