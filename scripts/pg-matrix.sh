@@ -97,7 +97,7 @@ fi
 logs=${WALTAIL_MATRIX_LOGS:-target/pg-matrix}
 mkdir -p "$logs"
 echo "pg-matrix: building the tests" >&2
-cargo test --locked --test integration --no-run >&2
+cargo test --locked --features failpoints --test integration --no-run >&2
 
 groups=(inspect failover rest)
 [ -n "$quick" ] && groups=(inspect failover)
@@ -119,7 +119,7 @@ for m in "${majors[@]}"; do
     log="$logs/pg$m-$g.log"
     start=$(date +%s)
     # shellcheck disable=SC2046
-    if WALTAIL_PG_BIN=$bin cargo test --locked --test integration -- $(filter "$g") >"$log" 2>&1; then
+    if WALTAIL_PG_BIN=$bin cargo test --locked --features failpoints --test integration -- $(filter "$g") >"$log" 2>&1; then
       status=pass
     else
       status=FAIL
