@@ -391,8 +391,10 @@ fn an_interrupted_failover_runs_again_and_finishes() {
     let acked = load.join().unwrap();
     std::thread::sleep(Duration::from_millis(1200));
     let (_, durable) = spool_position(&s.spool).unwrap();
+    // Kill points move later each attempt, so they land in every phase
+    // (fence, cut, publish, promotion) until one run gets to finish.
     let mut kills = 0;
-    for _ in 0..6 {
+    for i in 0..12u64 {
         let mut child = std::process::Command::new(waltail_bin())
             .args(["failover", "--spool"])
             .arg(&s.spool)
@@ -401,12 +403,15 @@ fn an_interrupted_failover_runs_again_and_finishes() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.below(300)));
+        std::thread::sleep(Duration::from_millis(i * 25 + rng.below(25)));
         if child.try_wait().unwrap().is_none() {
             kills += 1;
+            let _ = child.kill();
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        let st = child.wait().unwrap();
+        if st.success() {
+            break;
+        }
     }
     assert!(
         kills > 0,
