@@ -270,11 +270,15 @@ async fn check_standby(conninfo: &str, spool: &Spool) -> Result<()> {
         // and checks again.
         return Ok(());
     };
-    let info = crate::pg::client::server_info(&c).await?;
+    same_cluster(&crate::pg::client::server_info(&c).await?, spool)
+}
+
+/// The standby must be the cluster whose WAL the spool holds.
+fn same_cluster(info: &crate::pg::client::ServerInfo, spool: &Spool) -> Result<()> {
     if let Some(m) = spool.meta()? {
         if m.sysid() != Some(info.sysid) {
             bail!(
-                "the standby is system {}, but the spool holds WAL of system {}: refusing to feed it another cluster's WAL; nothing was changed",
+                "the standby is system {}, but the spool holds WAL of system {}: refusing to feed it another cluster's WAL",
                 info.sysid,
                 m.system_identifier
             );
@@ -301,15 +305,7 @@ async fn promote(
         }
     };
     let info = crate::pg::client::server_info(&c).await?;
-    if let Some(m) = spool.meta()? {
-        if m.sysid() != Some(info.sysid) {
-            bail!(
-                "the standby is system {}, but the spool holds WAL of system {}: refusing to feed it another cluster's WAL",
-                info.sysid,
-                m.system_identifier
-            );
-        }
-    }
+    same_cluster(&info, spool)?;
     if info.in_recovery {
         let standby_style: bool = c
             .query_one(

@@ -355,6 +355,18 @@ impl Cluster {
 
     /// Starts the server and waits until it accepts connections.
     pub fn start(&mut self) -> Result<()> {
+        // A free port can be taken by another process between the check and
+        // the bind: then try another one.
+        for _ in 0..3 {
+            self.spawn()?;
+            match self.wait_ready(Duration::from_secs(90)) {
+                Err(e) if format!("{e:#}").contains("Address already in use") => {
+                    self.child = None;
+                    self.port = free_port()?;
+                }
+                other => return other,
+            }
+        }
         self.spawn()?;
         self.wait_ready(Duration::from_secs(90))
     }
