@@ -1,10 +1,10 @@
 //! Challenge-response authentication with a shared secret.
 //!
 //! Both sides hold the same secret file. The shipper sends a fresh nonce; the
-//! receiver answers with its own nonce and `HMAC-SHA256(secret, "waltail
-//! receiver" | client nonce | server nonce)`; the shipper checks that, then
-//! proves itself with `HMAC-SHA256(secret, "waltail shipper" | server nonce |
-//! client nonce)`. The secret never crosses the wire, both sides prove they
+//! receiver answers with its own nonce and `HMAC-SHA256(SHA-256(secret),
+//! "waltail receiver" | client nonce | server nonce)`; the shipper checks
+//! that, then proves itself with `HMAC-SHA256(SHA-256(secret), "waltail
+//! shipper" | server nonce | client nonce)`. The secret never crosses the wire, both sides prove they
 //! know it, and a recorded exchange cannot be replayed because the other
 //! side's nonce is new on every connection. Proofs are compared in constant time.
 
@@ -64,8 +64,12 @@ impl Secret {
     }
 
     fn mac(&self, label: &[u8], a: &[u8], b: &[u8]) -> Hmac<Sha256> {
-        let key: &[u8] = self.0.as_deref().unwrap_or(b"waltail-insecure-no-auth");
-        let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+        let secret: &[u8] = self.0.as_deref().unwrap_or(b"waltail-insecure-no-auth");
+        // HMAC pads a short key with zeros, so "s" and "s\0" would be the
+        // same key: key it with the secret's SHA-256 instead (found by the
+        // handshake fuzz target).
+        let key = <Sha256 as sha2::Digest>::digest(secret);
+        let mut m = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes keys of any length");
         m.update(label);
         m.update(a);
         m.update(b);
@@ -127,6 +131,14 @@ pub fn nonce() -> [u8; NONCE_LEN] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_with_trailing_zero_bytes_is_another_secret() {
+        let a = Secret::from_bytes(b"fuzzing-shared-secret-0123456789");
+        let b = Secret::from_bytes(b"fuzzing-shared-secret-0123456789\0\0\0");
+        let (c, s) = ([1u8; NONCE_LEN], [2u8; NONCE_LEN]);
+        assert_ne!(a.receiver_proof(&c, &s), b.receiver_proof(&c, &s));
+    }
 
     #[test]
     fn proofs_need_the_same_secret_and_fresh_nonces() {
