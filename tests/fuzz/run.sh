@@ -6,6 +6,10 @@
 #
 #   tests/fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]     (default 20 s, all)
 #
+# WALTAIL_FUZZ_SEED fixes libFuzzer's random seed (CI sets 1, so a run
+# repeats the last one's inputs and goes red only for a change in the code);
+# unset, each run explores anew.
+#
 # Corpus: the committed seeds are tests/fuzz/corpus/<target>/; what a run
 # finds is kept in tests/fuzz/target/corpus/<target>/ for the next run.
 # A crash leaves its input in tests/fuzz/artifacts/<target>/ and this script
@@ -64,6 +68,7 @@ for t in "${targets[@]}"; do
   # Corpus directories: new finds go to the first.
   "$bin_dir/$t" "$work" "$seeds" \
     -max_total_time="$secs" -max_len="$(max_len "$t")" -timeout=10 \
+    -seed="${WALTAIL_FUZZ_SEED:-0}" \
     -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$artifacts/" \
     >"$log" 2>&1 || rc=$?
   took=$(($(date +%s) - t0))
