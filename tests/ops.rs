@@ -377,26 +377,6 @@ fn sigterm_mid_stream_leaves_a_consistent_spool_and_exits_0() {
     tx.wait_log(&["shipper stopped"], 5);
 }
 
-/// A receiver on a given port (the shipper reconnects to the same address).
-fn start_receiver_on(w: &Workdir, spool: &Path, secret: &Path, port: &str) -> (Daemon, String) {
-    let addr = format!("127.0.0.1:{port}");
-    let args: Vec<String> = [
-        "receive",
-        "--listen",
-        &addr,
-        "--spool",
-        spool.to_str().unwrap(),
-        "--secret-file",
-        secret.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let d = Daemon::start("receive-2", &args, w.path(&format!("receive-2-{port}.log")));
-    d.wait_log(&["receiver listening"], 20);
-    (d, addr)
-}
-
 fn hup(d: &Daemon) {
     let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();

@@ -96,20 +96,8 @@ fn soak_random_faults_under_load_lose_no_acknowledged_wal() {
             3..=5 => {
                 rx.kill9();
                 old_logs.push_str(&rx.log_text());
-                rx = Daemon::start_env(
-                    "receive",
-                    &[
-                        "receive".into(),
-                        "--listen".into(),
-                        format!("127.0.0.1:{port}"),
-                        "--spool".into(),
-                        spool.display().to_string(),
-                        "--secret-file".into(),
-                        secret.display().to_string(),
-                    ],
-                    w.path(&format!("receive-soak-{rounds}.log")),
-                    &env,
-                );
+                rx =
+                    start_receiver_at(&w, &spool, &secret, &format!("127.0.0.1:{port}"), &[], &env);
                 "kill receive"
             }
             6 => {

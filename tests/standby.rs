@@ -148,6 +148,17 @@ fn start_load(
     })
 }
 
+/// The newest acked commit whose WAL was durable in the spool at `durable`:
+/// a failover must keep it and every commit before it.
+fn last_durable_commit(acked: &[Acked], durable: Lsn) -> i64 {
+    acked
+        .iter()
+        .filter(|a| a.lsn_after.is_some_and(|l| l <= durable))
+        .map(|a| a.id)
+        .max()
+        .unwrap_or(0)
+}
+
 fn failover(s: &Setup) -> serde_json::Value {
     let out = waltail(&[
         "failover",
@@ -219,12 +230,7 @@ fn kill_and_fail_over(style: &str, seg_mb: u32) {
         "standby has {kept} commits, only {max_acked} were acked (+1 in flight)"
     );
     // Every commit whose WAL was durable in the spool survived.
-    let must = acked
-        .iter()
-        .filter(|a| a.lsn_after.is_some_and(|l| l <= durable))
-        .map(|a| a.id)
-        .max()
-        .unwrap_or(0);
+    let must = last_durable_commit(&acked, durable);
     assert!(
         kept >= must,
         "lost commit {must} although its WAL was durable in the spool (kept {kept}, durable {durable}); report {report}\n--- standby log\n{}",
@@ -427,12 +433,7 @@ fn an_interrupted_failover_runs_again_and_finishes() {
         load::is_gap_free_prefix(&ids),
         "not a gap-free prefix (seed {seed})"
     );
-    let must = acked
-        .iter()
-        .filter(|a| a.lsn_after.is_some_and(|l| l <= durable))
-        .map(|a| a.id)
-        .max()
-        .unwrap_or(0);
+    let must = last_durable_commit(&acked, durable);
     assert!(
         ids.len() as i64 >= must,
         "lost commit {must}, durable before the kills (seed {seed}); report {report}"

@@ -160,31 +160,6 @@ fn kills_of_ship_and_receive_mid_segment_lose_and_duplicate_nothing() {
     assert!(assert_spool_matches(&spool, &c, SEG) >= 2);
 }
 
-/// A receiver on a given port (restarting one that was killed).
-fn start_receiver_on(
-    w: &Workdir,
-    spool: &std::path::Path,
-    secret: &std::path::Path,
-    port: &str,
-) -> (Daemon, String) {
-    let addr = format!("127.0.0.1:{port}");
-    let args: Vec<String> = [
-        "receive",
-        "--listen",
-        &addr,
-        "--spool",
-        spool.to_str().unwrap(),
-        "--secret-file",
-        secret.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let n = std::fs::read_dir(w.dir.path()).unwrap().count();
-    let d = Daemon::start("receive", &args, w.path(&format!("receive-again-{n}.log")));
-    (d, addr)
-}
-
 #[test]
 fn a_timeline_switch_ships_the_history_file_and_the_new_timeline() {
     let w = Workdir::new();

@@ -372,27 +372,46 @@ pub fn start_receiver_env(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (Daemon, String) {
-    let port = waltail::pg::cluster::free_port().unwrap();
+    let addr = format!("127.0.0.1:{}", waltail::pg::cluster::free_port().unwrap());
+    (start_receiver_at(w, spool, secret, &addr, extra, env), addr)
+}
+
+/// A receiver on `port` of 127.0.0.1 (a restart where the shipper looks).
+pub fn start_receiver_on(w: &Workdir, spool: &Path, secret: &Path, port: &str) -> (Daemon, String) {
     let addr = format!("127.0.0.1:{port}");
+    (start_receiver_at(w, spool, secret, &addr, &[], &[]), addr)
+}
+
+/// Starts a receiver listening on `addr`, each start logging to a file of
+/// its own; returns once it listens.
+pub fn start_receiver_at(
+    w: &Workdir,
+    spool: &Path,
+    secret: &Path,
+    addr: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Daemon {
     let mut args: Vec<String> = vec![
         "receive".into(),
         "--listen".into(),
-        addr.clone(),
+        addr.into(),
         "--spool".into(),
         spool.to_str().unwrap().into(),
         "--secret-file".into(),
         secret.to_str().unwrap().into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let d = Daemon::start_env(
-        "receive",
-        &args,
-        w.path(&format!("receive-{port}.log")),
-        env,
-    );
-    // Listening once the spool says so.
+    let port = addr.rsplit(':').next().unwrap_or("0");
+    let mut log = w.path(&format!("receive-{port}.log"));
+    let mut n = 1;
+    while log.exists() {
+        n += 1;
+        log = w.path(&format!("receive-{port}-{n}.log"));
+    }
+    let d = Daemon::start_env("receive", &args, log, env);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
+    while std::net::TcpStream::connect(addr).is_err() {
         assert!(
             std::time::Instant::now() < deadline,
             "receiver did not listen:\n{}",
@@ -400,7 +419,7 @@ pub fn start_receiver_env(
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    (d, addr)
+    d
 }
 
 /// Starts a shipper from `c` to `addr`.
