@@ -31,6 +31,10 @@ use crate::wal::Lsn;
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_BAD_INPUT: u8 = 2;
+/// The peer refuses for good (a fenced spool, a wrong secret, another
+/// cluster): only an operator can fix it, so the systemd units do not
+/// restart on it (`RestartPreventExitStatus=2 3`).
+pub const EXIT_REFUSED: u8 = 3;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -675,7 +679,14 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 crate::ship::run(cfg, token, tx).await
             }) {
                 Ok(()) => EXIT_OK,
-                Err(e) => failed("ship", &e),
+                Err(e) => {
+                    let code = failed("ship", &e);
+                    if e.downcast_ref::<crate::ship::Refused>().is_some() {
+                        EXIT_REFUSED
+                    } else {
+                        code
+                    }
+                }
             }
         }
         Command::Restore {

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::fsio::{map_readonly, write_atomic};
-use crate::spool::{now_ms, Spool, FAILOVER, FENCED};
+use crate::spool::{now_ms, ReceiverState, Spool, FAILOVER, FENCED};
 use crate::wal::{
     scan_segment, Lsn, ScanConfig, ScanSummary, Scanner, SegmentName, TimelineId, WalView,
 };
@@ -46,11 +46,20 @@ pub struct FailoverConfig {
     pub timeout: Duration,
 }
 
+/// How far a failover got (`state` in failover.json).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverState {
+    /// The final segment is in place (a failover without `--standby` ends here).
+    Published,
+    /// The standby was promoted.
+    Done,
+}
+
 /// The failover's record and report (`failover.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FailoverReport {
-    /// "published" once the final segment is in place, "done" after promotion.
-    pub state: String,
+    pub state: FailoverState,
     pub final_lsn: Lsn,
     pub last_record_lsn: Option<Lsn>,
     pub segment: String,
@@ -174,7 +183,7 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
     let t0 = Instant::now();
     let spool = Spool::open(&cfg.spool)?;
     if let Some(mut r) = load_report(&spool) {
-        if r.state == "done" {
+        if r.state == FailoverState::Done {
             r.already_done = true;
             return Ok(r);
         }
@@ -189,7 +198,7 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
         if let Some(st) = spool.status() {
             let seen = st.primary_seen_at_ms.unwrap_or(0);
             let age = now_ms().saturating_sub(seen);
-            if st.state == "streaming" && age < cfg.alive_window.as_millis() as u64 {
+            if st.state == ReceiverState::Streaming && age < cfg.alive_window.as_millis() as u64 {
                 bail!(
                     "refusing to fail over: the receiver heard from a live primary {:.1} s ago (shipper {}). Promoting now would give two primaries (split brain). Stop the primary first, or use --force if you are sure it is gone",
                     age as f64 / 1000.0,
@@ -229,7 +238,7 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
                 info!(segment = %name, kept = cut.keep, "published the final segment");
             }
             let r = FailoverReport {
-                state: "published".into(),
+                state: FailoverState::Published,
                 final_lsn: cut.summary.end_lsn,
                 last_record_lsn: cut.summary.last_record,
                 segment: name,
@@ -253,11 +262,10 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
         report.promoted = true;
     }
     report.state = if cfg.standby.is_some() {
-        "done"
+        FailoverState::Done
     } else {
-        "published"
-    }
-    .into();
+        FailoverState::Published
+    };
     report.seconds = t0.elapsed().as_secs_f64();
     save_report(&spool, &report)?;
     Ok(report)
@@ -355,7 +363,7 @@ async fn promote(
         .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
         .await?
         .get(0);
-    report.new_timeline = u32::from_str_radix(&name[..8], 16).ok().map(TimelineId);
+    report.new_timeline = crate::pg::client::timeline_of(&name, spool.seg_size()?);
     Ok(())
 }
 

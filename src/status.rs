@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::spool::{now_ms, Spool, RECEIVER_LOCK};
+use crate::spool::{now_ms, ReceiverState, Spool, RECEIVER_LOCK};
 use crate::wal::{Lsn, TimelineId};
 
 pub const NAGIOS_OK: u8 = 0;
@@ -41,8 +41,7 @@ pub struct Status {
     /// Whether a receiver holds the spool's lock right now.
     pub receiver_running: bool,
     pub receiver_pid: Option<u32>,
-    /// "streaming", "waiting" (no shipper), "stopped", "fenced" or "not running".
-    pub receiver_state: String,
+    pub receiver_state: ReceiverState,
     /// "connected" while a shipper streams, else "disconnected".
     pub connection: String,
     pub peer: Option<String>,
@@ -159,14 +158,14 @@ pub async fn gather(o: &StatusOptions) -> Result<Status, StatusError> {
     };
     let state = if !running {
         if fenced {
-            "fenced".to_string()
+            ReceiverState::Fenced
         } else {
-            "not running".to_string()
+            ReceiverState::NotRunning
         }
     } else {
-        rs.state.clone()
+        rs.state
     };
-    let streaming = running && rs.state == "streaming";
+    let streaming = running && rs.state == ReceiverState::Streaming;
     Ok(Status {
         spool: o.spool.clone(),
         receiver_running: running,
@@ -224,7 +223,7 @@ impl Status {
             "receiver",
             match (self.receiver_running, &self.receiver_pid) {
                 (true, Some(pid)) => format!("running (pid {pid}), {}", self.receiver_state),
-                _ => self.receiver_state.clone(),
+                _ => self.receiver_state.to_string(),
             },
         );
         line(
@@ -445,7 +444,7 @@ mod tests {
             spool: "/s".into(),
             receiver_running: true,
             receiver_pid: Some(1),
-            receiver_state: "streaming".into(),
+            receiver_state: ReceiverState::Streaming,
             connection: "connected".into(),
             peer: None,
             fenced: false,

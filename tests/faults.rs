@@ -365,3 +365,75 @@ fn restore_killed_mid_copy_leaves_the_target_absent_or_whole() {
         "no restore was killed while running (seed {seed})"
     );
 }
+
+/// What the primary's slot says the receiver acked (the shipper advances
+/// it to each ack), once it has reached `lsn` (bounded wait).
+fn wait_slot(c: &Cluster, lsn: Lsn, secs: u64, logs: &[&Daemon]) -> Lsn {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = c
+            .psql("select restart_lsn from pg_replication_slots where slot_name = 'waltail'")
+            .unwrap();
+        if let Ok(l) = s.parse::<Lsn>() {
+            if l >= lsn {
+                return l;
+            }
+        }
+        if Instant::now() > deadline {
+            let mut msg = format!("the slot did not reach {lsn} within {secs} s (at {s})\n");
+            for d in logs {
+                msg.push_str(&format!("--- {} log:\n{}\n", d.name, d.log_text()));
+            }
+            panic!("{msg}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_power_loss_after_an_ack_never_takes_the_spool_below_what_was_acked() {
+    require_failpoints();
+    let w = Workdir::new();
+    let c = archived_cluster("faults-position");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    // Every write of the position file that is not fsynced is lost, as
+    // after a power loss; then the receiver dies.
+    let (mut rx, addr) = start_receiver_env(
+        &w,
+        &spool,
+        &secret,
+        &[],
+        &[("FAILPOINTS", "spool-position-unsynced-lost=return")],
+    );
+    let mut tx = start_shipper(&w, &c, &addr, &secret, &["--interval", "2ms"]);
+    c.psql("create table p(i int, pad text)").unwrap();
+    // A burst over several 1 MB segments, acked and passed on to the slot.
+    write_wal(&c, "p", 4);
+    c.psql("insert into p values (0, 'commit')").unwrap();
+    let acked = wait_slot(&c, flush_lsn(&c), 60, &[&rx, &tx]);
+    tx.kill9();
+    rx.kill9();
+    // Reopened, the spool holds at least everything the slot was given.
+    let sp = waltail::spool::Spool::open(&spool).unwrap();
+    let seg = waltail::wal::SegmentSize::new(SEG).unwrap();
+    let reopened = waltail::spool::writer::SpoolWriter::open(sp, seg)
+        .unwrap()
+        .durable()
+        .map(|d| d.1);
+    assert!(
+        reopened >= Some(acked),
+        "acked {acked} to the primary, but the reopened spool is durable only to {reopened:?}"
+    );
+    // The primary may recycle what the slot released; the stream resumes
+    // without needing it and ends identical to the archive.
+    c.psql("checkpoint").unwrap();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let (rx, addr) = start_receiver_on(&w, &spool, &secret, &port);
+    let tx = start_shipper(&w, &c, &addr, &secret, &["--interval", "2ms"]);
+    write_wal(&c, "p", 1);
+    c.psql("select pg_switch_wal()").unwrap();
+    wait_durable(&spool, flush_lsn(&c), 60, &[&rx, &tx]);
+    let compared = assert_spool_matches(&spool, &c, SEG);
+    assert!(compared >= 4, "only {compared} segments compared");
+}

@@ -509,7 +509,10 @@ fn hostile_connections_get_nothing_written_and_cannot_lock_out_the_shipper() {
         let (closed, got) = closed_within(&mut s, Duration::from_secs(3)).await;
         assert!(closed, "a replayed handshake left the connection open");
         match &frames_in(&got)[..] {
-            [Frame::Refuse { reason }] => assert!(reason.contains("authentication failed")),
+            [Frame::Refuse { code, reason }] => {
+                assert_eq!(*code, waltail::proto::RefuseCode::Auth);
+                assert!(reason.contains("authentication failed"));
+            }
             other => panic!("replayed handshake got {other:?}"),
         }
     });

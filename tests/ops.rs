@@ -186,7 +186,7 @@ fn metrics_endpoints_count_what_flows() {
     // Wrong authentication shows as an auth failure on the receiver.
     let other = w.secret("other", "another-secret-0123456789");
     let mut bad = start_shipper(&w, &c, &addr, &other, &["--no-slot"]);
-    assert_eq!(bad.wait_exit(30), Some(1), "{}", bad.log_text());
+    assert_eq!(bad.wait_exit(30), Some(3), "{}", bad.log_text());
     wait_scrape(&rm, "waltail_receive_auth_failures_total", 1.0, 10);
     // Only GET /metrics.
     assert_eq!(http_get(&rm, "/").0, 404);
@@ -361,7 +361,7 @@ fn sigterm_mid_stream_leaves_a_consistent_spool_and_exits_0() {
         .unwrap()
         .status()
         .unwrap();
-    assert_eq!(st.state, "stopped");
+    assert_eq!(st.state, waltail::spool::ReceiverState::Stopped);
     // And it resumes from there.
     let (rx2, _) = {
         let port = addr.rsplit(':').next().unwrap().to_string();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::util::*;
 use waltail::proto::conn::client_auth;
-use waltail::proto::{Frame, FrameReader, FrameWriter, Hello, ProtoError, Secret};
+use waltail::proto::{Frame, FrameReader, FrameWriter, Hello, ProtoError, RefuseCode, Secret};
 use waltail::wal::{Lsn, TimelineId};
 
 const SECRET: &str = "test-secret-0123456789abcdef";
@@ -60,7 +60,9 @@ fn bad_frames_close_the_connection_and_nothing_of_them_is_written() {
         }
         // A second shipper of the same cluster is refused while this one streams.
         match peer(&addr, 42).await {
-            Err(ProtoError::Refused(reason)) => assert!(reason.starts_with("busy"), "{reason}"),
+            Err(ProtoError::Refused { code, reason }) => {
+                assert_eq!(code, RefuseCode::Busy, "{reason}")
+            }
             other => panic!("second shipper: {:?}", other.map(|x| x.1)),
         }
         // A Data frame whose checksum is wrong: the connection closes.

@@ -253,10 +253,11 @@ fn a_wrong_secret_is_refused_and_nothing_is_written() {
     let spool = w.path("spool");
     let (rx, addr) = start_receiver(&w, &spool, &good, &[]);
     let mut tx = start_shipper(&w, &c, &addr, &bad, &[]);
+    // Exit 3: refused for good, which the systemd unit does not restart.
     assert_eq!(
         tx.wait_exit(30),
-        Some(1),
-        "shipper with a wrong secret exits 1"
+        Some(3),
+        "shipper with a wrong secret exits 3"
     );
     assert!(
         tx.log_text().contains("authentication failed"),
@@ -280,7 +281,7 @@ fn a_wrong_secret_is_refused_and_nothing_is_written() {
         .map(String::from),
         w.path("ship-noauth.log"),
     );
-    assert_eq!(tx.wait_exit(30), Some(1));
+    assert_eq!(tx.wait_exit(30), Some(3));
     assert!(tx.log_text().contains("AUTHENTICATION IS OFF"));
     assert!(spool_position(&spool).is_none());
 }
@@ -303,7 +304,7 @@ fn a_second_cluster_aimed_at_the_same_spool_is_refused() {
         .unwrap()
         .status()
         .map(|s| s.state)
-        != Some("waiting".into())
+        != Some(waltail::spool::ReceiverState::Waiting)
     {
         assert!(
             std::time::Instant::now() < deadline,
@@ -325,7 +326,7 @@ fn a_second_cluster_aimed_at_the_same_spool_is_refused() {
     };
     let files = listing(&spool);
     let mut tb = start_shipper(&w, &b, &addr, &secret, &[]);
-    assert_eq!(tb.wait_exit(30), Some(1));
+    assert_eq!(tb.wait_exit(30), Some(3), "{}", tb.log_text());
     assert!(
         tb.log_text()
             .contains("belongs to the cluster with system identifier"),
@@ -477,4 +478,28 @@ fn tls_streams_when_the_receiver_is_verified_and_not_otherwise() {
     c.psql("create table t(i int); insert into t select generate_series(1, 5000)")
         .unwrap();
     wait_durable(&spool, flush_lsn(&c), 30, &[&rx, &tx]);
+}
+
+#[test]
+fn a_fenced_spool_stops_the_shipper_for_good_with_exit_3() {
+    let w = Workdir::new();
+    let c = small_cluster("stream-fenced");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let mut tx = start_shipper(&w, &c, &addr, &secret, &["--interval", "2ms"]);
+    c.psql("create table t(i int)").unwrap();
+    wait_durable(&spool, flush_lsn(&c), 30, &[&rx, &tx]);
+    // A failover fences the spool while the shipper streams.
+    std::fs::write(spool.join("FENCED"), "fenced by the test\n").unwrap();
+    let before = spool_position(&spool);
+    c.psql("insert into t values (1)").unwrap();
+    // Exit 3: refused for good, which the systemd unit does not restart.
+    assert_eq!(tx.wait_exit(30), Some(3), "{}", tx.log_text());
+    assert!(tx.log_text().contains("fenced"), "{}", tx.log_text());
+    assert_eq!(spool_position(&spool), before, "WAL taken after the fence");
+    // A new shipper is refused at once, the same way.
+    let mut again = start_shipper(&w, &c, &addr, &secret, &[]);
+    assert_eq!(again.wait_exit(30), Some(3), "{}", again.log_text());
+    assert_eq!(spool_position(&spool), before);
 }

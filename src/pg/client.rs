@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use tokio_postgres::{Client, NoTls};
 
-use crate::wal::{Lsn, SegmentSize, TimelineId};
+use crate::wal::{Lsn, SegmentSize, TimelineId, WalFileName};
 
 /// Connects; the connection task runs in the background until the client drops.
 pub async fn connect(conninfo: &str) -> Result<Client> {
@@ -127,10 +127,19 @@ pub struct FlushPoint {
 }
 
 impl FlushPoint {
-    /// The timeline WAL is being written on (from the file name).
-    pub fn timeline(&self) -> Option<TimelineId> {
-        let t = self.file_name.get(0..8)?;
-        u32::from_str_radix(t, 16).ok().map(TimelineId)
+    /// The timeline WAL is being written on, from the file name the server
+    /// gave; None when that is not a segment name.
+    pub fn timeline(&self, seg_size: SegmentSize) -> Option<TimelineId> {
+        timeline_of(&self.file_name, seg_size)
+    }
+}
+
+/// The timeline in a segment file name that came from the server (checked:
+/// a reply is input like any other).
+pub fn timeline_of(file_name: &str, seg_size: SegmentSize) -> Option<TimelineId> {
+    match WalFileName::parse(file_name, seg_size) {
+        Ok(w @ WalFileName::Segment(_)) => Some(w.timeline()),
+        _ => None,
     }
 }
 
@@ -164,6 +173,31 @@ pub async fn current_lsn(c: &Client) -> Result<Lsn> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timelines_come_only_from_well_formed_segment_names() {
+        let s16 = SegmentSize::DEFAULT;
+        assert_eq!(
+            timeline_of("0000000A0000000000000003", s16),
+            Some(TimelineId(10))
+        );
+        for bad in [
+            "",
+            "0000",
+            "+0000001000000000000000003",
+            "0000000a0000000000000003",
+            "0000000A.history",
+            "é0000000000000000000000",
+        ] {
+            assert_eq!(timeline_of(bad, s16), None, "{bad:?}");
+        }
+        let fp = FlushPoint {
+            lsn: Lsn(0),
+            file_name: "0000".into(),
+            file_offset: 0,
+        };
+        assert_eq!(fp.timeline(s16), None);
+    }
 
     #[test]
     fn sizes_and_conninfo() {

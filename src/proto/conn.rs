@@ -12,8 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::auth::{nonce, Secret};
 use super::frame::{
-    data_frame_parts, encode_data, Frame, FrameError, MAX_FRAME, OVERHEAD as FRAME_OVERHEAD,
-    PROTOCOL_VERSION,
+    data_frame_parts, encode_data, Frame, FrameError, RefuseCode, MAX_FRAME,
+    OVERHEAD as FRAME_OVERHEAD, PROTOCOL_VERSION,
 };
 
 /// Data frames at least this large are written without copying the WAL.
@@ -42,8 +42,8 @@ pub enum ProtoError {
     Timeout(&'static str),
     #[error("authentication failed: {0}")]
     Auth(String),
-    #[error("refused by peer: {0}")]
-    Refused(String),
+    #[error("refused by peer: {reason}")]
+    Refused { code: RefuseCode, reason: String },
     #[error("protocol violation: expected {expected}, got {got}")]
     Unexpected {
         expected: &'static str,
@@ -131,7 +131,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn expect(&mut self, d: Duration, what: &'static str) -> Result<Frame, ProtoError> {
         match tokio::time::timeout(d, self.read_frame()).await {
             Err(_) => Err(ProtoError::Timeout(what)),
-            Ok(Ok(Some(Frame::Refuse { reason }))) => Err(ProtoError::Refused(reason)),
+            Ok(Ok(Some(Frame::Refuse { code, reason }))) => {
+                Err(ProtoError::Refused { code, reason })
+            }
             Ok(Ok(Some(f))) => Ok(f),
             Ok(Ok(None)) => Err(ProtoError::Closed),
             Ok(Err(e)) => Err(e),
@@ -232,6 +234,7 @@ pub async fn client_auth<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 let why = "the receiver does not know the shared secret (wrong secret file, or one side runs with --insecure-no-auth)";
                 let _ = w
                     .send(&Frame::Refuse {
+                        code: RefuseCode::Auth,
                         reason: format!("authentication failed: {why}"),
                     })
                     .await;
@@ -262,6 +265,7 @@ pub async fn server_auth<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 let reason = format!("protocol version {version} is not supported (this receiver speaks {PROTOCOL_VERSION})");
                 let _ = w
                     .send(&Frame::Refuse {
+                        code: RefuseCode::Auth,
                         reason: reason.clone(),
                     })
                     .await;
@@ -288,6 +292,7 @@ pub async fn server_auth<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         Frame::ClientProof { .. } => {
             let _ = w
                 .send(&Frame::Refuse {
+                    code: RefuseCode::Auth,
                     reason: "authentication failed".into(),
                 })
                 .await;

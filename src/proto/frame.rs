@@ -13,7 +13,7 @@
 //! | 3 | ClientProof | ship → receive | proof [32] |
 //! | 4 | Hello | ship → receive | sysid u64, tli u32, seg_size u32, pg_version u32, flush u64 |
 //! | 5 | Welcome | receive → ship | has_position u8, tli u32, lsn u64 |
-//! | 6 | Refuse | either | reason (UTF-8) |
+//! | 6 | Refuse | either | code u8 ([`RefuseCode`]), reason (UTF-8) |
 //! | 7 | Data | ship → receive | tli u32, start u64, bytes |
 //! | 8 | Ack | receive → ship | tli u32, durable u64 |
 //! | 9 | Heartbeat | ship → receive | flush u64, unix time µs u64 |
@@ -26,8 +26,11 @@
 
 use crate::wal::{Lsn, TimelineId};
 
-/// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version spoken by this build. Any change to a frame's layout,
+/// or a new [`RefuseCode`], is a new version; peers of different versions
+/// refuse each other in the handshake, naming both versions. (2: Refuse
+/// carries a code.)
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame body accepted by default (a Data frame carries at most
 /// [`MAX_DATA`] bytes of WAL).
 pub const MAX_FRAME: usize = 4 << 20;
@@ -57,6 +60,7 @@ pub enum Frame {
         position: Option<(TimelineId, Lsn)>,
     },
     Refuse {
+        code: RefuseCode,
         reason: String,
     },
     Data {
@@ -76,6 +80,45 @@ pub enum Frame {
         tli: TimelineId,
         content: Vec<u8>,
     },
+}
+
+/// Why a peer refuses, for the other side to branch on (the reason beside
+/// it is for people and may be reworded freely).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RefuseCode {
+    /// Anything else (a write error, a protocol violation): try again later.
+    Other = 0,
+    /// Another shipper is streaming into the spool: try again later.
+    Busy = 1,
+    /// A failover has finalized the spool: it takes no more WAL, ever.
+    Fenced = 2,
+    /// The spool belongs to another cluster (or segment size).
+    OtherCluster = 3,
+    /// Authentication failed, or the protocol versions differ.
+    Auth = 4,
+}
+
+impl RefuseCode {
+    fn from_u8(b: u8) -> Option<RefuseCode> {
+        Some(match b {
+            0 => RefuseCode::Other,
+            1 => RefuseCode::Busy,
+            2 => RefuseCode::Fenced,
+            3 => RefuseCode::OtherCluster,
+            4 => RefuseCode::Auth,
+            _ => return None,
+        })
+    }
+
+    /// Whether trying again can help: a fenced spool, another cluster or a
+    /// failed authentication stay what they are until an operator acts.
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            RefuseCode::Fenced | RefuseCode::OtherCluster | RefuseCode::Auth
+        )
+    }
 }
 
 /// What a shipper says about the cluster it ships from.
@@ -155,7 +198,10 @@ impl Frame {
                 body.extend_from_slice(&tli.to_le_bytes());
                 body.extend_from_slice(&lsn.to_le_bytes());
             }
-            Frame::Refuse { reason } => body.extend_from_slice(reason.as_bytes()),
+            Frame::Refuse { code, reason } => {
+                body.push(*code as u8);
+                body.extend_from_slice(reason.as_bytes());
+            }
             Frame::Data { tli, start, bytes } => {
                 return encode_data(*tli, *start, bytes, out);
             }
@@ -346,9 +392,17 @@ fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
                 },
             }
         }
-        6 => Frame::Refuse {
-            reason: String::from_utf8_lossy(r.rest()).into_owned(),
-        },
+        6 => {
+            let c = r.u8()?;
+            let code = RefuseCode::from_u8(c).ok_or_else(|| FrameError::Malformed {
+                kind,
+                what: format!("unknown refusal code {c}"),
+            })?;
+            Frame::Refuse {
+                code,
+                reason: String::from_utf8_lossy(r.rest()).into_owned(),
+            }
+        }
         7 => {
             let tli = TimelineId(r.u32()?);
             let start = Lsn(r.u64()?);
@@ -427,6 +481,7 @@ mod tests {
                 position: Some((TimelineId(1), Lsn(0x300_0000))),
             },
             Frame::Refuse {
+                code: RefuseCode::Fenced,
                 reason: "fenced: a failover ended this spool".into(),
             },
             Frame::Data {

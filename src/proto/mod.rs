@@ -8,7 +8,8 @@
 //! 2. **Hello**: the shipper names the cluster (system identifier, timeline,
 //!    segment size, server version, flush LSN). The receiver checks it against
 //!    the spool and answers Welcome with the position it holds durably (or
-//!    Refuse with a reason: another cluster, fenced by a failover, busy).
+//!    Refuse with a [`RefuseCode`] and a reason: another cluster, fenced by a
+//!    failover, busy). Peers act on the code, never on the reason's words.
 //! 3. **Streaming**: the shipper sends History (a new timeline's history file,
 //!    before any data of that timeline), Data (timeline, start LSN, bytes; each
 //!    starts exactly where the previous ended) and Heartbeat (the primary's
@@ -26,4 +27,4 @@ pub mod tls;
 
 pub use auth::Secret;
 pub use conn::{BoxIo, FrameReader, FrameWriter, ProtoError};
-pub use frame::{Frame, Hello, MAX_DATA, MAX_FRAME};
+pub use frame::{Frame, Hello, RefuseCode, MAX_DATA, MAX_FRAME};

@@ -32,9 +32,9 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::proto::conn::{server_auth, HANDSHAKE_TIMEOUT};
 use crate::proto::tls::TlsOptions;
-use crate::proto::{BoxIo, Frame, FrameReader, FrameWriter, Hello, ProtoError, Secret};
+use crate::proto::{BoxIo, Frame, FrameReader, FrameWriter, Hello, ProtoError, RefuseCode, Secret};
 use crate::spool::writer::SpoolWriter;
-use crate::spool::{now_ms, ReceiverStatus, Spool, SpoolMeta, RECEIVER_LOCK};
+use crate::spool::{now_ms, ReceiverState, ReceiverStatus, Spool, SpoolMeta, RECEIVER_LOCK};
 use crate::wal::{SegmentSize, TimelineId};
 
 #[derive(Clone, Debug)]
@@ -141,11 +141,10 @@ impl Receiver {
             pid: std::process::id(),
             listen: listener.local_addr()?.to_string(),
             state: if spool.is_fenced() {
-                "fenced"
+                ReceiverState::Fenced
             } else {
-                "waiting"
-            }
-            .into(),
+                ReceiverState::Waiting
+            },
             started_at_ms: now_ms(),
             ..Default::default()
         };
@@ -220,7 +219,7 @@ impl Receiver {
                 tokio::task::block_in_place(|| crate::metrics::receive().time_fsync(|| w.sync()));
         }
         self.shared.update_status(|s| {
-            s.state = "stopped".into();
+            s.state = ReceiverState::Stopped;
             s.peer = None;
         });
         info!("receiver stopped");
@@ -253,22 +252,17 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
     };
     // One streaming session at a time.
     let Ok(mut guard) = shared.writer.try_lock() else {
-        let reason = "busy: another shipper is streaming into this spool".to_string();
-        let _ = w
-            .send(&Frame::Refuse {
-                reason: reason.clone(),
-            })
-            .await;
-        bail!("{reason}");
+        let r = Refusal::new(
+            RefuseCode::Busy,
+            "busy: another shipper is streaming into this spool",
+        );
+        let _ = w.send(&r.frame()).await;
+        return Err(r.into());
     };
-    if let Err(reason) = admit(&shared, &hello, &mut guard) {
-        warn!("refused shipper: {reason}");
-        let _ = w
-            .send(&Frame::Refuse {
-                reason: reason.clone(),
-            })
-            .await;
-        bail!("{reason}");
+    if let Err(r) = admit(&shared, &hello, &mut guard) {
+        warn!("refused shipper: {}", r.reason);
+        let _ = w.send(&r.frame()).await;
+        return Err(r.into());
     }
     let writer = guard.as_mut().expect("admit set the writer");
     // A session that ended in the middle of a burst (a bad frame, a cut,
@@ -279,7 +273,7 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
     w.send(&Frame::Welcome { position }).await?;
     info!(sysid = hello.sysid, tli = %hello.tli, ?position, "shipper admitted");
     shared.update_status(|s| {
-        s.state = "streaming".into();
+        s.state = ReceiverState::Streaming;
         s.peer = Some(peer.to_string());
         s.timeline = position.map(|p| p.0);
         s.durable_lsn = position.map(|p| p.1);
@@ -292,43 +286,92 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
     crate::metrics::receive().connected.set(1);
     let r = stream(&shared, &mut r, &mut w, writer).await;
     if let Err(e) = &r {
+        let code = e
+            .downcast_ref::<Refusal>()
+            .map_or(RefuseCode::Other, |r| r.code);
         let _ = w
             .send(&Frame::Refuse {
+                code,
                 reason: format!("{e:#}"),
             })
             .await;
     }
     crate::metrics::receive().connected.set(0);
     shared.update_status(|s| {
-        if s.state == "streaming" {
-            s.state = "waiting".into();
+        if s.state == ReceiverState::Streaming {
+            s.state = ReceiverState::Waiting;
         }
         s.peer = None;
     });
     r
 }
 
-/// Checks a shipper's Hello against the spool; sets up the writer.
-fn admit(shared: &Shared, hello: &Hello, writer: &mut Option<SpoolWriter>) -> Result<(), String> {
-    if shared.spool.is_fenced() {
-        return Err("fenced: a failover has finalized this spool; it takes no more WAL".into());
+/// A refusal to send the shipper: its code decides what the shipper does.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+struct Refusal {
+    code: RefuseCode,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(code: RefuseCode, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            reason: reason.into(),
+        }
     }
-    let seg_size = SegmentSize::new(u64::from(hello.seg_size))
-        .ok_or_else(|| format!("invalid segment size {}", hello.seg_size))?;
-    let meta = shared.spool.meta().map_err(|e| e.to_string())?;
+
+    fn other(e: impl std::fmt::Display) -> Refusal {
+        Refusal::new(RefuseCode::Other, e.to_string())
+    }
+
+    fn fenced() -> Refusal {
+        Refusal::new(
+            RefuseCode::Fenced,
+            "fenced: a failover has finalized this spool; it takes no more WAL",
+        )
+    }
+
+    fn frame(&self) -> Frame {
+        Frame::Refuse {
+            code: self.code,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// Checks a shipper's Hello against the spool; sets up the writer.
+fn admit(shared: &Shared, hello: &Hello, writer: &mut Option<SpoolWriter>) -> Result<(), Refusal> {
+    if shared.spool.is_fenced() {
+        return Err(Refusal::fenced());
+    }
+    let seg_size = SegmentSize::new(u64::from(hello.seg_size)).ok_or_else(|| {
+        Refusal::new(
+            RefuseCode::OtherCluster,
+            format!("invalid segment size {}", hello.seg_size),
+        )
+    })?;
+    let meta = shared.spool.meta().map_err(Refusal::other)?;
     match meta {
         Some(m) => {
             if m.sysid() != Some(hello.sysid) {
-                return Err(format!(
-                    "this spool belongs to the cluster with system identifier {}, not {}",
-                    m.system_identifier, hello.sysid
+                return Err(Refusal::new(
+                    RefuseCode::OtherCluster,
+                    format!(
+                        "this spool belongs to the cluster with system identifier {}, not {}",
+                        m.system_identifier, hello.sysid
+                    ),
                 ));
             }
             if m.segment_size != seg_size.bytes() {
-                return Err(format!(
-                    "this spool holds {} byte segments, the shipper has {}",
-                    m.segment_size,
-                    seg_size.bytes()
+                return Err(Refusal::new(
+                    RefuseCode::OtherCluster,
+                    format!(
+                        "this spool holds {} byte segments, the shipper has {}",
+                        m.segment_size,
+                        seg_size.bytes()
+                    ),
                 ));
             }
         }
@@ -339,11 +382,10 @@ fn admit(shared: &Shared, hello: &Hello, writer: &mut Option<SpoolWriter>) -> Re
                 segment_size: seg_size.bytes(),
                 pg_version: hello.pg_version,
             })
-            .map_err(|e| e.to_string())?,
+            .map_err(Refusal::other)?,
     }
     if writer.is_none() {
-        *writer =
-            Some(SpoolWriter::open(shared.spool.clone(), seg_size).map_err(|e| e.to_string())?);
+        *writer = Some(SpoolWriter::open(shared.spool.clone(), seg_size).map_err(Refusal::other)?);
     }
     Ok(())
 }
@@ -397,7 +439,7 @@ where
                     })?);
                 }
                 if shared.spool.is_fenced() {
-                    bail!("fenced: a failover has finalized this spool; it takes no more WAL");
+                    return Err(Refusal::fenced().into());
                 }
                 if writer.written().is_none() {
                     writer.start_at(tli, start)?;

@@ -39,7 +39,9 @@ use tracing::{debug, info, warn};
 use crate::pg::client::{connect, flush_point, server_info, FlushPoint, ServerInfo};
 use crate::proto::conn::{client_auth, HANDSHAKE_TIMEOUT};
 use crate::proto::tls::TlsOptions;
-use crate::proto::{BoxIo, Frame, FrameReader, FrameWriter, Hello, ProtoError, Secret, MAX_DATA};
+use crate::proto::{
+    BoxIo, Frame, FrameReader, FrameWriter, Hello, ProtoError, RefuseCode, Secret, MAX_DATA,
+};
 use crate::spool::now_us;
 use crate::wal::history::{parse_history, switchpoint_of};
 use crate::wal::segment::history_file_name;
@@ -140,7 +142,41 @@ impl Drop for Session {
 #[derive(Clone, Debug, Default)]
 struct AckState {
     durable: Option<(TimelineId, Lsn)>,
+    /// Why the receiver's side of the connection ended.
     closed: Option<String>,
+    /// The receiver's refusal, when it ended with one.
+    refused: Option<(RefuseCode, String)>,
+}
+
+/// The receiver refuses this shipper for good (a fenced spool, another
+/// cluster, a failed authentication): retrying cannot help, an operator
+/// must act. The command exits with its own status for it, which the
+/// systemd unit does not restart on.
+#[derive(Debug, thiserror::Error)]
+#[error("receiver {receiver} refused this shipper: {reason}")]
+pub struct Refused {
+    pub receiver: String,
+    pub code: RefuseCode,
+    pub reason: String,
+}
+
+impl Refused {
+    fn new(cfg: &ShipConfig, code: RefuseCode, reason: String) -> Refused {
+        Refused {
+            receiver: cfg.receiver.clone(),
+            code,
+            reason,
+        }
+    }
+}
+
+/// What a refusal means for the shipper: stop for good, or try again.
+fn refused(cfg: &ShipConfig, code: RefuseCode, reason: String) -> Fault {
+    if code.is_permanent() {
+        Fault::Fatal(Refused::new(cfg, code, reason).into())
+    } else {
+        Fault::Receiver(anyhow!("receiver refused: {reason}"))
+    }
 }
 
 /// Runs the shipper until `shutdown` is cancelled or a fatal error.
@@ -222,7 +258,7 @@ pub async fn run(
             }
         };
         check_name_quirk(&fp, p.info.seg_size, p.info.major());
-        let Some(server_tli) = fp.timeline() else {
+        let Some(server_tli) = fp.timeline(p.info.seg_size) else {
             bail!(
                 "cannot read the timeline from WAL file name {:?}",
                 fp.file_name
@@ -430,9 +466,13 @@ async fn open_session(
     client_auth(&mut r, &mut w, &cfg.secret)
         .await
         .map_err(|e| match e {
-            ProtoError::Auth(_) | ProtoError::Refused(_) => {
+            e @ ProtoError::Auth(_) => {
                 crate::metrics::ship().auth_failures.inc();
-                Fault::Fatal(anyhow!("receiver {}: {e}", cfg.receiver))
+                Fault::Fatal(Refused::new(cfg, RefuseCode::Auth, e.to_string()).into())
+            }
+            ProtoError::Refused { code, reason } => {
+                crate::metrics::ship().auth_failures.inc();
+                Fault::Fatal(Refused::new(cfg, code, reason).into())
             }
             e => Fault::Receiver(e.into()),
         })?;
@@ -454,15 +494,7 @@ async fn open_session(
                 other.name()
             )))
         }
-        Err(ProtoError::Refused(reason)) if reason.starts_with("busy") => {
-            return Err(Fault::Receiver(anyhow!("receiver refused: {reason}")))
-        }
-        Err(ProtoError::Refused(reason)) => {
-            return Err(Fault::Fatal(anyhow!(
-                "receiver {} refused this shipper: {reason}",
-                cfg.receiver
-            )))
-        }
+        Err(ProtoError::Refused { code, reason }) => return Err(refused(cfg, code, reason)),
         Err(e) => return Err(Fault::Receiver(e.into())),
     };
     let next = match position {
@@ -490,7 +522,7 @@ async fn open_session(
     };
     let (tx, acks) = watch::channel(AckState {
         durable: position,
-        closed: None,
+        ..Default::default()
     });
     let reader = tokio::spawn(async move {
         loop {
@@ -499,8 +531,11 @@ async fn open_session(
                     crate::metrics::ship().acks.inc();
                     tx.send_modify(|a| a.durable = Some((tli, durable)))
                 }
-                Ok(Some(Frame::Refuse { reason })) => {
-                    tx.send_modify(|a| a.closed = Some(format!("receiver refused: {reason}")));
+                Ok(Some(Frame::Refuse { code, reason })) => {
+                    tx.send_modify(|a| {
+                        a.closed = Some(format!("receiver refused: {reason}"));
+                        a.refused = Some((code, reason));
+                    });
                     return;
                 }
                 Ok(Some(other)) => {
@@ -548,11 +583,15 @@ async fn ship_once(
     fp: &FlushPoint,
     server_tli: TimelineId,
 ) -> Result<(), Fault> {
-    if let Some(why) = s.acks.borrow().closed.clone() {
-        if why.starts_with("receiver refused: fenced") || why.contains("belongs to the cluster") {
-            return Err(Fault::Fatal(anyhow!(why)));
-        }
-        return Err(Fault::Receiver(anyhow!(why)));
+    let closed = {
+        let a = s.acks.borrow();
+        a.closed.clone().map(|why| (why, a.refused.clone()))
+    };
+    if let Some((why, refusal)) = closed {
+        return Err(match refusal {
+            Some((code, reason)) => refused(cfg, code, reason),
+            None => Fault::Receiver(anyhow!(why)),
+        });
     }
     // A link that died without closing: what was sent is never acked.
     let acked = s.acks.borrow().durable;
@@ -646,7 +685,7 @@ pub fn check_name_quirk(fp: &FlushPoint, seg_size: SegmentSize, major: u32) -> b
     } else {
         fp.lsn.segment_number(seg_size)
     };
-    let tli = fp.timeline().unwrap_or(TimelineId(1));
+    let tli = fp.timeline(seg_size).unwrap_or(TimelineId(1));
     let name = SegmentName::new(tli, expected).file_name(seg_size);
     if name != fp.file_name {
         warn!(lsn = %fp.lsn, file = %fp.file_name, expected = %name, "pg_walfile_name_offset names an unexpected segment");

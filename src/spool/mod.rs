@@ -19,9 +19,16 @@
 //! <spool>/write.lock        flock: shared while a batch is written, exclusive to fence
 //! ```
 //!
-//! Invariants: everything below the durable position is in the spool and
-//! fsynced; a file under a final segment name is complete; files are created
-//! 0600 and the directory 0700.
+//! Invariants:
+//! - **Nothing is acked past the recorded position.** The receiver fsyncs the
+//!   data, then writes and fsyncs `position`, and only then acks; so after a
+//!   power loss the position file names at least every LSN ever acked, and
+//!   the shipper (which advances the primary's slot to its acks) finds
+//!   everything it may have let the primary recycle.
+//! - Everything below the recorded position is in the spool and fsynced (the
+//!   data is synced before the position that covers it).
+//! - A file under a final segment name is complete.
+//! - Files are created 0600 and the directory 0700.
 
 pub mod writer;
 
@@ -182,7 +189,9 @@ impl Spool {
             .map_err(|e| self.io(e))
     }
 
-    /// Records the durable position (one 24-byte write at offset 0).
+    /// Records the durable position (one 24-byte write at offset 0), and
+    /// fdatasyncs it when `sync`: a position that is about to be acked must
+    /// be synced, or a power loss can take it back below the ack.
     pub fn set_position(f: &File, tli: TimelineId, lsn: Lsn, sync: bool) -> io::Result<()> {
         let mut b = [0u8; 24];
         b[0..4].copy_from_slice(b"WTPS");
@@ -190,6 +199,9 @@ impl Spool {
         b[8..16].copy_from_slice(&lsn.0.to_le_bytes());
         let crc = crc32fast::hash(&b[..20]);
         b[20..24].copy_from_slice(&crc.to_le_bytes());
+        // Injected: a power loss drops this write unless it is synced (the
+        // page cache never reaches the disk).
+        fail::fail_point!("spool-position-unsynced-lost", !sync, |_| Ok(()));
         f.write_all_at(&b, 0)?;
         if sync {
             f.sync_data()?;
@@ -285,14 +297,43 @@ impl Spool {
     }
 }
 
+/// What the receiver is doing, as status.json and `status` say it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiverState {
+    /// Listening, no shipper connected.
+    #[default]
+    Waiting,
+    /// A shipper is streaming into the spool.
+    Streaming,
+    /// A failover finalized the spool; it takes no more WAL.
+    Fenced,
+    /// The receiver shut down cleanly.
+    Stopped,
+    /// No receiver holds the spool's lock (only `status` says this).
+    #[serde(rename = "not running")]
+    NotRunning,
+}
+
+impl std::fmt::Display for ReceiverState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReceiverState::Waiting => "waiting",
+            ReceiverState::Streaming => "streaming",
+            ReceiverState::Fenced => "fenced",
+            ReceiverState::Stopped => "stopped",
+            ReceiverState::NotRunning => "not running",
+        })
+    }
+}
+
 /// What the receiver last said about itself (status.json).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ReceiverStatus {
     pub pid: u32,
     pub listen: String,
-    /// "waiting", "streaming" or "fenced".
-    pub state: String,
+    pub state: ReceiverState,
     pub peer: Option<String>,
     pub timeline: Option<TimelineId>,
     pub durable_lsn: Option<Lsn>,
@@ -344,4 +385,29 @@ pub fn now_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receiver_states_keep_their_json_names() {
+        for (state, json) in [
+            (ReceiverState::Waiting, "\"waiting\""),
+            (ReceiverState::Streaming, "\"streaming\""),
+            (ReceiverState::Fenced, "\"fenced\""),
+            (ReceiverState::Stopped, "\"stopped\""),
+            (ReceiverState::NotRunning, "\"not running\""),
+        ] {
+            assert_eq!(serde_json::to_string(&state).unwrap(), json);
+            assert_eq!(format!("\"{state}\""), json);
+            assert_eq!(serde_json::from_str::<ReceiverState>(json).unwrap(), state);
+        }
+        // A misspelt state is an unreadable status.json, never another state.
+        let s: ReceiverStatus =
+            serde_json::from_str(r#"{"pid": 7, "state": "streaming"}"#).unwrap();
+        assert_eq!(s.state, ReceiverState::Streaming);
+        assert!(serde_json::from_str::<ReceiverStatus>(r#"{"state": "streamin"}"#).is_err());
+    }
 }

@@ -56,7 +56,7 @@ impl SpoolWriter {
                 if w.spool.segment_path(seg, seg_size).exists() {
                     w.written = seg.end_lsn(seg_size);
                     w.durable = w.written;
-                    w.record_position(true)?;
+                    w.record_position()?;
                 }
             }
         }
@@ -97,12 +97,22 @@ impl SpoolWriter {
         self.tli = Some(tli);
         self.written = lsn;
         self.durable = lsn;
-        self.record_position(true)
+        self.record_position()
     }
 
-    fn record_position(&mut self, sync: bool) -> Result<()> {
+    fn record_position(&mut self) -> Result<()> {
         let tli = self.tli.unwrap_or(TimelineId(1));
-        Spool::set_position(&self.pos_file, tli, self.durable, sync).map_err(|e| self.spool.io(e))
+        Spool::set_position(&self.pos_file, tli, self.durable, true).map_err(|e| self.spool.io(e))
+    }
+
+    /// Moves the durable position to `to` (whose bytes are synced) once the
+    /// position file says so on disk: until then nothing past the old
+    /// position is durable, offered or acked.
+    fn advance_durable(&mut self, to: Lsn) -> Result<()> {
+        let tli = self.tli.unwrap_or(TimelineId(1));
+        Spool::set_position(&self.pos_file, tli, to, true).map_err(|e| self.spool.io(e))?;
+        self.durable = to;
+        Ok(())
     }
 
     /// Forgets everything not yet durable (after an I/O error).
@@ -243,11 +253,11 @@ impl SpoolWriter {
         let to = self.spool.segment_path(o.seg, self.seg_size);
         fs::rename(&from, &to).map_err(|e| self.spool.io(e))?;
         fsync_dir(&self.spool.dir).map_err(|e| self.spool.io(e))?;
-        self.durable = self.written;
-        self.record_position(false)
+        self.advance_durable(self.written)
     }
 
-    /// Makes everything written durable and records the position; returns it.
+    /// Makes everything written durable and records the position durably;
+    /// returns it. Only what this returns may be acked.
     pub fn sync(&mut self) -> Result<Lsn> {
         // Injected: fsync fails and, as Linux may do, the unsynced pages are
         // lost with it.
@@ -268,8 +278,10 @@ impl SpoolWriter {
             }
         }
         if self.durable != self.written {
-            self.durable = self.written;
-            self.record_position(false)?;
+            if let Err(e) = self.advance_durable(self.written) {
+                self.reset_to_durable();
+                return Err(e);
+            }
         }
         Ok(self.durable)
     }
@@ -341,7 +353,7 @@ impl SpoolWriter {
         self.tli = Some(new);
         self.written = start;
         self.durable = start;
-        self.record_position(true)
+        self.record_position()
     }
 }
 

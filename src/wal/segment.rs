@@ -195,6 +195,15 @@ impl WalFileName {
         }
     }
 
+    /// The timeline the file belongs to.
+    pub fn timeline(&self) -> TimelineId {
+        match self {
+            WalFileName::Segment(s) | WalFileName::Partial(s) => s.tli,
+            WalFileName::Backup { segment, .. } => segment.tli,
+            WalFileName::History(t) => *t,
+        }
+    }
+
     pub fn to_file_name(&self, seg_size: SegmentSize) -> String {
         match self {
             WalFileName::Segment(s) => s.file_name(seg_size),

@@ -19,14 +19,16 @@ def frame(body):
     return struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))
 
 
+PROTOCOL_VERSION = 2
+
 BODIES = {
-    "client_hello": b"\x01" + struct.pack("<H", 1) + bytes(range(32)),
-    "server_challenge": b"\x02" + struct.pack("<H", 1) + bytes(range(32)) + bytes(32),
+    "client_hello": b"\x01" + struct.pack("<H", PROTOCOL_VERSION) + bytes(range(32)),
+    "server_challenge": b"\x02" + struct.pack("<H", PROTOCOL_VERSION) + bytes(range(32)) + bytes(32),
     "client_proof": b"\x03" + bytes([7]) * 32,
     "hello": b"\x04" + struct.pack("<QIIIQ", 7300000000000000001, 1, 16 << 20, 150018, 0x1000028),
     "welcome_none": b"\x05" + bytes(13),
     "welcome": b"\x05\x01" + struct.pack("<IQ", 1, 0x3000000),
-    "refuse": b"\x06fenced: a failover ended this spool",
+    "refuse": b"\x06\x02fenced: a failover ended this spool",
     "data": b"\x07" + struct.pack("<IQ", 1, 0x1000028) + bytes(range(64)),
     "ack": b"\x08" + struct.pack("<IQ", 1, 0x1000100),
     "heartbeat": b"\x09" + struct.pack("<QQ", 5, 1700000000000000),

@@ -22,7 +22,7 @@ use waltail_fuzz::{frame_body, runtime, split_bodies, Chunked};
 fn normalises(f: &Frame, raw: &[u8]) -> bool {
     match f {
         Frame::Welcome { position: None } => true,
-        Frame::Refuse { .. } => std::str::from_utf8(&raw[5..raw.len() - 4]).is_err(),
+        Frame::Refuse { .. } => std::str::from_utf8(&raw[6..raw.len() - 4]).is_err(),
         _ => false,
     }
 }
