@@ -9,8 +9,10 @@
 //! crash recovery), a network fault on the link (the shipper talks to the
 //! receiver through the fault-injecting proxy of `tests/util/proxy.rs`: all
 //! connections dropped, a stall of up to 1.5 s, a Data frame cut in half or
-//! with a bit flipped), or none; the receiver also runs with a failpoint that
-//! makes some fsyncs fail and lose what they should have made durable.
+//! with a bit flipped), or none; the receiver also runs with failpoints that
+//! make some fsyncs fail and lose what they should have made durable, and
+//! drop every write of its position file that is not fsynced (so each kill
+//! of the receiver is a power loss for its position).
 //! Throughout, the durable position must never go back; at the end, once
 //! the faults stop, the spool must be byte-identical to the primary's
 //! archive, and every byte acknowledged at any point must still be there:
@@ -42,8 +44,10 @@ fn soak_random_faults_under_load_lose_no_acknowledged_wal() {
     let mut c = archived_cluster("soak");
     let secret = w.secret("secret", SECRET);
     let spool = w.path("spool");
+    // Some fsyncs fail; and every position write that is not fsynced is
+    // lost, so each SIGKILL of the receiver is a power loss for it.
     let sync_faults = if cfg!(feature = "failpoints") {
-        "spool-sync=1%return"
+        "spool-sync=1%return;spool-position-unsynced-lost=return"
     } else {
         ""
     };
