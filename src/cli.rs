@@ -162,7 +162,7 @@ pub enum Command {
     Receive(ReceiveArgs),
     /// restore_command: copy a WAL file from the spool to where recovery wants it.
     #[command(
-        after_help = "Example (postgresql.conf on the standby):\n  restore_command = 'waltail restore %f %p --spool /var/lib/waltail/spool'\n  restore_command = 'waltail restore %f %p --spool /var/lib/waltail/spool --wait'   # recovery.signal style\n\nExit codes: 0 restored, 1 not found (recovery goes on or, in archive recovery, ends), 2 bad arguments.\nNever 126, 127 or a signal, which PostgreSQL treats as fatal."
+        after_help = "Example (postgresql.conf on the standby):\n  restore_command = 'waltail restore %f %p --spool /var/lib/waltail/spool'\n  restore_command = 'waltail restore %f %p --spool /var/lib/waltail/spool --wait'   # recovery.signal style\n\nExit codes:\n  0    restored\n  1    not found: recovery goes on (standby.signal) or, with --wait, ends and promotes, which\n       restore answers only when the spool is healthy and a failover has finished; standby.signal\n       style also after 5 s of a spool it cannot read (PostgreSQL asks again)\n  2    bad arguments (standby.signal style)\n  126  bad arguments with --wait: fatal to PostgreSQL, so recovery stops instead of promoting\nWith --wait a missing, unreadable or damaged spool is waited out (the reason on stderr every\n5 s, in the server's log), never answered. Never 127 or a signal."
     )]
     Restore {
         /// %f: the file name recovery asks for.
@@ -393,10 +393,28 @@ pub struct ReceiveArgs {
 
 /// Runs the command line; the binary's `main` is only this.
 pub fn main() -> ExitCode {
+    // `restore --wait` is the recovery.signal style's restore_command, where
+    // exit 2 would read as "not found" and promote: its bad arguments exit
+    // 126, which PostgreSQL takes as fatal (recovery stops, nothing promotes).
+    let waiting_restore = std::env::args().nth(1).as_deref() == Some("restore")
+        && std::env::args().any(|a| a == "--wait");
+    let fatal_if_waiting = |code: u8| {
+        if waiting_restore && code == EXIT_BAD_INPUT {
+            crate::restore::EXIT_FATAL
+        } else {
+            code
+        }
+    };
     let matches = match Cli::command().try_get_matches() {
         Ok(m) => m,
         Err(e) => {
             use clap::error::ErrorKind;
+            if waiting_restore
+                && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+            {
+                let _ = e.print();
+                return ExitCode::from(crate::restore::EXIT_FATAL);
+            }
             let is_check = std::env::args().nth(1).as_deref() == Some("check");
             if is_check && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let msg = e.to_string();
@@ -409,13 +427,17 @@ pub fn main() -> ExitCode {
     };
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
+        Err(e) if waiting_restore => {
+            let _ = e.print();
+            return ExitCode::from(crate::restore::EXIT_FATAL);
+        }
         Err(e) => e.exit(),
     };
     let sub = matches
         .subcommand()
         .map(|(_, m)| m.clone())
         .unwrap_or_default();
-    ExitCode::from(run(cli, &sub))
+    ExitCode::from(fatal_if_waiting(run(cli, &sub)))
 }
 
 type LogHandle =
@@ -719,9 +741,13 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             };
             match crate::restore::restore(&req) {
                 Ok(code) => code,
+                Err(crate::restore::RestoreError::BadArgs(e)) if wait => {
+                    bad_input("restore", e);
+                    crate::restore::EXIT_FATAL
+                }
                 Err(crate::restore::RestoreError::BadArgs(e)) => bad_input("restore", e),
                 Err(e) => {
-                    eprintln!("waltail restore: {e}");
+                    eprintln!("waltail restore: {e}; PostgreSQL will ask again");
                     crate::restore::EXIT_NOT_FOUND
                 }
             }

@@ -7,8 +7,10 @@
 //! * [`cli`]: command-line parsing and exit codes;
 //! * [`config`]: the roles' TOML config files;
 //! * [`status`]: `waltail status` and `waltail check`;
-//! * [`metrics`]: the Prometheus metrics and their endpoint.
+//! * [`metrics`]: the Prometheus metrics and their endpoint;
+//! * [`access`]: ownership and permission checks that name the fix.
 
+pub mod access;
 pub mod bench;
 pub mod cli;
 pub mod config;

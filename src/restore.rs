@@ -17,8 +17,25 @@
 //!
 //! `.history` and `.backup` requests never wait. `%f` must be a WAL file name
 //! (segment, `.partial`, `.history`, `.backup`): no `/`, no `..`, nothing
-//! absolute. Exit codes: 0 restored, 1 not found, 2 bad arguments; never 126,
-//! 127 or a signal, which PostgreSQL would take as a fatal error.
+//! absolute.
+//!
+//! **"Not found" only when sure.** In the recovery.signal style a "not
+//! found" ends recovery and promotes the server, so restore answers it only
+//! when the spool is readable and healthy (directory, `spool.json`,
+//! `position`, `failover.json` all read and parse) and a failover has
+//! finished. Any error (the spool missing, unreadable for the server's user,
+//! damaged; a segment that cannot be read) is not an answer: restore keeps
+//! waiting, says why on stderr (which PostgreSQL puts in its log) once every
+//! few seconds, and goes on by itself once the spool is fixed. In the
+//! standby.signal style a failed restore_command never ends recovery
+//! (PostgreSQL asks again), so after a few seconds of errors restore exits 1
+//! with the reason, instead of holding up the startup process.
+//!
+//! Exit codes: 0 restored; 1 not found (or, standby.signal style, the spool
+//! is broken right now: asked again later); 2 bad arguments (standby.signal
+//! style); 126 bad arguments with `--wait`: waiting cannot cure them, and
+//! PostgreSQL takes 126 as fatal, so recovery stops without promoting
+//! (exit 2 would be "not found" there). Never 127 or a signal.
 //!
 //! Files reach `%p` through a temporary file in the same directory and a rename.
 
@@ -34,6 +51,15 @@ use crate::wal::{SegmentName, SegmentSize, WalFileName};
 pub const EXIT_RESTORED: u8 = 0;
 pub const EXIT_NOT_FOUND: u8 = 1;
 pub const EXIT_BAD_ARGS: u8 = 2;
+/// Bad arguments with `--wait`: PostgreSQL stops recovery (FATAL) rather
+/// than taking a "not found" and promoting.
+pub const EXIT_FATAL: u8 = 126;
+
+/// How long the standby.signal style keeps trying a spool it cannot read
+/// before it exits 1 (PostgreSQL asks again after wal_retrieve_retry_interval).
+const STANDBY_STYLE_PATIENCE: Duration = Duration::from_secs(5);
+/// How often the reason for waiting is repeated on stderr.
+const COMPLAIN_EVERY: Duration = Duration::from_secs(5);
 
 /// Longest file name PostgreSQL asks for (`<segment>.XXXXXXXX.backup`).
 const MAX_NAME: usize = 40;
@@ -76,20 +102,88 @@ pub struct RestoreRequest {
     pub max_wait: Option<Duration>,
 }
 
-/// Serves one restore request; returns the exit code.
+/// Serves one restore request; returns the exit code. An `Err(Io)` comes
+/// back only in the standby.signal style, after [`STANDBY_STYLE_PATIENCE`]
+/// of errors: with `--wait` errors are waited out (see the module header).
 pub fn restore(req: &RestoreRequest) -> Result<u8, RestoreError> {
-    let spool = Spool::open(&req.spool).map_err(|e| RestoreError::Io(e.to_string()))?;
-    let meta = spool.meta().map_err(|e| RestoreError::Io(e.to_string()))?;
-    let seg_size = meta
-        .as_ref()
-        .and_then(|m| m.seg_size())
-        .unwrap_or(SegmentSize::DEFAULT);
-    let name = validate_name(&req.file, seg_size)?;
     if req.dest.as_os_str().is_empty() {
         return Err(RestoreError::BadArgs(
             "the destination (%p) is empty".into(),
         ));
     }
+    let started = Instant::now();
+    let deadline = req.max_wait.map(|d| started + d);
+    let mut said: Option<(Instant, String)> = None;
+    loop {
+        match attempt(req, deadline) {
+            Err(RestoreError::Io(why)) => {
+                if !req.wait && started.elapsed() >= STANDBY_STYLE_PATIENCE {
+                    return Err(RestoreError::Io(why));
+                }
+                let repeat = said
+                    .as_ref()
+                    .is_none_or(|(at, w)| *w != why || at.elapsed() >= COMPLAIN_EVERY);
+                if repeat {
+                    eprintln!(
+                        "waltail restore {}: {why}; waiting until that is fixed (recovery goes on, nothing is promoted)",
+                        req.file
+                    );
+                    said = Some((Instant::now(), why));
+                }
+                std::thread::sleep(
+                    req.poll
+                        .clamp(Duration::from_millis(10), Duration::from_secs(1)),
+                );
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The spool's segment size, once the spool is known to be readable and
+/// whole: its directory lists, and `spool.json` and `position` parse.
+fn healthy(spool_dir: &Path) -> Result<(Spool, SegmentSize), RestoreError> {
+    let io = |e: crate::spool::SpoolError| RestoreError::Io(e.to_string());
+    let spool = Spool::open(spool_dir).map_err(io)?;
+    let seg_size = match spool.meta().map_err(io)? {
+        Some(m) => m.seg_size().ok_or_else(|| {
+            RestoreError::Io(format!(
+                "spool {}: {} has an invalid segment size {}",
+                spool.dir.display(),
+                crate::spool::META,
+                m.segment_size
+            ))
+        })?,
+        // Nothing received yet: every segment is simply not there yet.
+        None => SegmentSize::DEFAULT,
+    };
+    spool.position().map_err(io)?;
+    Ok((spool, seg_size))
+}
+
+/// Whether a failover has finished publishing (its report reads).
+fn failover_published(spool: &Spool) -> Result<bool, RestoreError> {
+    match fs::read(spool.path(FAILOVER)) {
+        Ok(b) => serde_json::from_slice::<crate::failover::FailoverReport>(&b)
+            .map(|_| true)
+            .map_err(|e| {
+                RestoreError::Io(format!(
+                    "spool {}: {FAILOVER} is damaged ({e})",
+                    spool.dir.display()
+                ))
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(RestoreError::Io(format!(
+            "cannot read {}: {e}",
+            spool.path(FAILOVER).display()
+        ))),
+    }
+}
+
+/// One try at serving the request.
+fn attempt(req: &RestoreRequest, deadline: Option<Instant>) -> Result<u8, RestoreError> {
+    let (spool, seg_size) = healthy(&req.spool)?;
+    let name = validate_name(&req.file, seg_size)?;
     let src = spool.path(&req.file);
     match name {
         WalFileName::History(_) | WalFileName::Backup { .. } | WalFileName::Partial(_) => {
@@ -99,32 +193,31 @@ pub fn restore(req: &RestoreRequest) -> Result<u8, RestoreError> {
             }
             Ok(EXIT_NOT_FOUND)
         }
-        WalFileName::Segment(seg) => {
-            let deadline = req.max_wait.map(|d| Instant::now() + d);
-            loop {
-                if src.is_file() {
-                    copy_atomic(&src, &req.dest, None)?;
-                    return Ok(EXIT_RESTORED);
-                }
-                if !req.wait {
-                    return serve_partial(&spool, seg, seg_size, &req.dest);
-                }
-                if spool.path(FAILOVER).exists() {
-                    // The failover published the last segment; a file that is
-                    // not there now never will be: recovery ends here.
-                    return Ok(if src.is_file() {
-                        copy_atomic(&src, &req.dest, None)?;
-                        EXIT_RESTORED
-                    } else {
-                        EXIT_NOT_FOUND
-                    });
-                }
-                if deadline.is_some_and(|d| Instant::now() > d) {
-                    return Ok(EXIT_NOT_FOUND);
-                }
-                std::thread::sleep(req.poll);
+        WalFileName::Segment(seg) => loop {
+            if src.is_file() {
+                copy_atomic(&src, &req.dest, None)?;
+                return Ok(EXIT_RESTORED);
             }
-        }
+            if !req.wait {
+                return serve_partial(&spool, seg, seg_size, &req.dest);
+            }
+            if failover_published(&spool)? {
+                // The failover published the last segment; a file that is
+                // not there now never will be: recovery ends here.
+                return Ok(if src.is_file() {
+                    copy_atomic(&src, &req.dest, None)?;
+                    EXIT_RESTORED
+                } else {
+                    EXIT_NOT_FOUND
+                });
+            }
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                return Ok(EXIT_NOT_FOUND);
+            }
+            std::thread::sleep(req.poll);
+            // Whatever broke since the last look is an error, not an answer.
+            healthy(&req.spool)?;
+        },
     }
 }
 
@@ -159,6 +252,7 @@ fn serve_partial(
 /// file is extended with zeros to `size`.
 fn copy_atomic(src: &Path, dest: &Path, prefix: Option<(u64, u64)>) -> Result<(), RestoreError> {
     let io = |what: &str, p: &Path, e: io::Error| {
+        let e = crate::access::explain(p, e);
         RestoreError::Io(format!("{what} {}: {e}", p.display()))
     };
     let dir = dest

@@ -11,6 +11,7 @@ mod inspect;
 mod netfault;
 mod ops;
 mod protocol;
+mod safety;
 mod soak;
 mod standby;
 mod stream;

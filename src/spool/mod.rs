@@ -101,12 +101,40 @@ impl Spool {
     }
 
     /// Opens an existing spool directory.
+    /// Opens an existing spool directory: it must exist, be a directory,
+    /// and be readable by this user (the error says which of these failed,
+    /// and for a permission, whose directory it is).
     pub fn open(dir: &Path) -> Result<Spool> {
-        if !dir.is_dir() {
-            return Err(SpoolError::Io {
-                dir: dir.to_path_buf(),
-                err: io::Error::new(io::ErrorKind::NotFound, "no such spool directory"),
-            });
+        let fail = |err: io::Error| SpoolError::Io {
+            dir: dir.to_path_buf(),
+            err,
+        };
+        match fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(fail(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a directory",
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(fail(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no such spool directory",
+                )))
+            }
+            Err(e) => {
+                return Err(fail(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot look at it ({e}): {} may not enter a directory above it",
+                        crate::access::me()
+                    ),
+                )))
+            }
+        }
+        if let Err(e) = fs::read_dir(dir) {
+            return Err(fail(crate::access::explain(dir, e)));
         }
         Ok(Spool {
             dir: dir.to_path_buf(),
@@ -135,10 +163,15 @@ impl Spool {
         match fs::read(self.path(META)) {
             Ok(b) => serde_json::from_slice(&b)
                 .map(Some)
-                .map_err(|e| self.corrupt(format!("{META}: {e}"))),
+                .map_err(|e| self.corrupt(format!("{META} is damaged: {e}"))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io(e)),
+            Err(e) => Err(self.io_at(&self.path(META), e)),
         }
+    }
+
+    /// An I/O error on `path` in the spool, permission errors explained.
+    pub fn io_at(&self, path: &Path, err: io::Error) -> SpoolError {
+        self.io(crate::access::explain(path, err))
     }
 
     pub fn write_meta(&self, m: &SpoolMeta) -> Result<()> {
@@ -162,10 +195,10 @@ impl Spool {
             Ok(mut f) => match f.read_exact(&mut b) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-                Err(e) => return Err(self.io(e)),
+                Err(e) => return Err(self.io_at(&self.path(POSITION), e)),
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io(e)),
+            Err(e) => return Err(self.io_at(&self.path(POSITION), e)),
         }
         let crc = u32::from_le_bytes([b[20], b[21], b[22], b[23]]);
         if &b[0..4] != b"WTPS" || crc32fast::hash(&b[..20]) != crc {

@@ -1,0 +1,297 @@
+//! The mistakes tired operators make, and what waltail does about them: a
+//! broken spool never promotes a standby; init-standby checks what the
+//! server will need before it writes anything; settings that cannot work
+//! exit 2 at start; failover checks the standby before it fences; messages
+//! name the real problem (the path, its owner, the fix).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+use waltail::pg::cluster::RunAs;
+use waltail::pg::Cluster;
+
+const SECRET: &str = "test-secret-0123456789abcdef";
+
+/// The ways an operator breaks a spool.
+#[derive(Clone, Copy, Debug)]
+enum Break {
+    /// Moved away (or never made).
+    Missing,
+    /// Owned by root (when root; else mode 0000): the server cannot read it.
+    WrongOwner,
+    /// Every complete segment at mode 0000.
+    UnreadableSegments,
+    /// `spool.json` overwritten with garbage.
+    CorruptMeta,
+}
+
+const BREAKS: [Break; 4] = [
+    Break::Missing,
+    Break::WrongOwner,
+    Break::UnreadableSegments,
+    Break::CorruptMeta,
+];
+
+fn set_mode(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn segments(spool: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .collect()
+}
+
+impl Break {
+    fn apply(self, spool: &Path) {
+        match self {
+            Break::Missing => std::fs::rename(spool, spool.with_extension("away")).unwrap(),
+            Break::WrongOwner => match RunAs::for_servers().unwrap() {
+                Some(_) => std::os::unix::fs::chown(spool, Some(0), Some(0)).unwrap(),
+                None => set_mode(spool, 0),
+            },
+            Break::UnreadableSegments => {
+                let segs = segments(spool);
+                assert!(
+                    !segs.is_empty(),
+                    "no complete segment in {}",
+                    spool.display()
+                );
+                for s in segs {
+                    set_mode(&s, 0);
+                }
+            }
+            Break::CorruptMeta => {
+                std::fs::write(spool.join("spool.json"), b"{\"system_iden").unwrap()
+            }
+        }
+    }
+
+    fn repair(self, spool: &Path, meta: &[u8]) {
+        match self {
+            Break::Missing => std::fs::rename(spool.with_extension("away"), spool).unwrap(),
+            Break::WrongOwner => match RunAs::for_servers().unwrap() {
+                Some(r) => r.chown(spool).unwrap(),
+                None => set_mode(spool, 0o700),
+            },
+            Break::UnreadableSegments => {
+                for s in segments(spool) {
+                    set_mode(&s, 0o600);
+                }
+            }
+            Break::CorruptMeta => std::fs::write(spool.join("spool.json"), meta).unwrap(),
+        }
+    }
+}
+
+/// Copies the files of spool `from` into the (existing) directory `to`,
+/// keeping their owner and mode.
+fn copy_spool(from: &Path, to: &Path) {
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An empty spool directory as the receiver makes one (the server's user, 0700).
+fn empty_spool(p: &Path) {
+    std::fs::create_dir(p).unwrap();
+    set_mode(p, 0o700);
+    if let Some(r) = RunAs::for_servers().unwrap() {
+        r.chown(p).unwrap();
+    }
+}
+
+/// A standby of either style, fed by a spool broken in each way at its first
+/// start, stays in recovery for 30 s and catches up by itself once fixed.
+fn a_broken_spool_never_promotes(style: &str) {
+    let w = Workdir::new();
+    let primary = small_cluster(&format!("broken-{style}"));
+    let secret = w.secret("secret", SECRET);
+    let live = w.path("spool");
+    let (mut rx, addr) = start_receiver(&w, &live, &secret, &[]);
+    let mut tx = start_shipper(&w, &primary, &addr, &secret, &["--interval", "2ms"]);
+    primary.psql("create table t(i int)").unwrap();
+    wait_durable(&live, flush_lsn(&primary), 30, &[&rx, &tx]);
+    // One standby per way of breaking its spool, each with a spool of its own.
+    let mut standbys = Vec::new();
+    for (i, b) in BREAKS.iter().enumerate() {
+        let spool = w.path(&format!("spool-{i}"));
+        empty_spool(&spool);
+        let pgdata = w.path(&format!("standby-{i}"));
+        let out = waltail(&[
+            "init-standby",
+            "--primary",
+            &primary.conninfo(),
+            "--pgdata",
+            pgdata.to_str().unwrap(),
+            "--spool",
+            spool.to_str().unwrap(),
+            "--style",
+            style,
+        ]);
+        assert!(
+            out.status.success(),
+            "init-standby: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        standbys.push((*b, spool, pgdata));
+    }
+    // Rows that only the spool holds, in complete segments.
+    primary
+        .psql("insert into t select generate_series(1, 1000)")
+        .unwrap();
+    primary.psql("checkpoint").unwrap();
+    primary.psql("select pg_switch_wal()").unwrap();
+    wait_durable(&live, flush_lsn(&primary), 30, &[&rx, &tx]);
+    tx.terminate();
+    rx.terminate();
+    let meta = std::fs::read(live.join("spool.json")).unwrap();
+    let mut servers = Vec::new();
+    for (i, (b, spool, pgdata)) in standbys.iter().enumerate() {
+        copy_spool(&live, spool);
+        b.apply(spool);
+        let mut s = Cluster::adopt(&format!("broken-{style}-{i}"), pgdata).unwrap();
+        s.spawn().unwrap();
+        servers.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(30));
+    for ((b, _, _), s) in standbys.iter().zip(servers.iter_mut()) {
+        assert!(
+            s.is_running(),
+            "{style} standby, spool {b:?}: the server stopped:\n{}",
+            s.log_tail(30)
+        );
+        // Not promoted: no end of recovery, no new timeline.
+        let log = s.log_tail(400);
+        for promoted in ["selected new timeline ID", "archive recovery complete"] {
+            assert!(
+                !log.contains(promoted),
+                "{style} standby, spool {b:?} promoted itself:\n{log}"
+            );
+        }
+        assert!(
+            !s.data.join("pg_wal/00000002.history").exists(),
+            "{b:?}: a new timeline"
+        );
+        if style == "standby" {
+            // Consistent from its own backup; queries run; still a standby.
+            assert_eq!(s.psql("select pg_is_in_recovery()").unwrap(), "t", "{b:?}");
+        }
+        // The reason is in the server's log, named.
+        let named = match b {
+            Break::Missing => "no such spool directory",
+            Break::WrongOwner | Break::UnreadableSegments => "ermission denied",
+            Break::CorruptMeta => "spool.json is damaged",
+        };
+        assert!(
+            log.contains(named),
+            "{style} standby, spool {b:?}: no {named:?} in its log:\n{log}"
+        );
+    }
+    // Fixed, each catches up by itself, and is still a standby.
+    for (b, spool, _) in &standbys {
+        b.repair(spool, &meta);
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for ((b, _, _), s) in standbys.iter().zip(servers.iter_mut()) {
+        loop {
+            if s.psql("select count(*) from t").ok().as_deref() == Some("1000") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{style} standby, spool {b:?} fixed, did not catch up:\n{}",
+                s.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            s.psql("select pg_is_in_recovery()").unwrap(),
+            "t",
+            "{style} {b:?}"
+        );
+    }
+}
+
+#[test]
+fn a_broken_spool_never_promotes_a_recovery_signal_standby() {
+    a_broken_spool_never_promotes("recovery");
+}
+
+#[test]
+fn a_broken_spool_never_promotes_a_standby_signal_standby() {
+    a_broken_spool_never_promotes("standby");
+}
+
+#[test]
+fn restore_with_wait_stops_recovery_on_bad_arguments_instead_of_promoting() {
+    let w = Workdir::new();
+    let spool = w.path("spool");
+    empty_spool(&spool);
+    let dest = w.path("dest");
+    // No --spool: with --wait, 126 (fatal to PostgreSQL); without, 2.
+    let out = waltail(&[
+        "restore",
+        "000000010000000000000001",
+        dest.to_str().unwrap(),
+        "--wait",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(126),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--spool is required"));
+    let out = waltail(&[
+        "restore",
+        "000000010000000000000001",
+        dest.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    // A name PostgreSQL never asks for, likewise; an unknown flag too.
+    let s = spool.to_str().unwrap();
+    let out = waltail(&[
+        "restore",
+        "../../etc/passwd",
+        dest.to_str().unwrap(),
+        "--spool",
+        s,
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(126));
+    let out = waltail(&[
+        "restore",
+        "000000010000000000000001",
+        dest.to_str().unwrap(),
+        "--spool",
+        s,
+        "--wait",
+        "--bogus",
+    ]);
+    assert_eq!(out.status.code(), Some(126));
+    assert!(!dest.exists());
+    // The help says so.
+    let help = String::from_utf8_lossy(&waltail(&["restore", "--help"]).stdout).to_string();
+    assert!(
+        help.contains("126") && help.contains("never answered"),
+        "{help}"
+    );
+}
