@@ -311,6 +311,9 @@ pub enum Command {
         /// the primary's version is installed, else copy.
         #[arg(long, value_enum, default_value = "auto")]
         method: crate::standby::Method,
+        /// Replace what a non-empty --pgdata holds (never while a server runs in it).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -914,14 +917,18 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             style,
             retry_interval,
             method,
+            force,
         } => match runtime().0.block_on(crate::standby::init_standby(
             &std::env::current_exe().unwrap_or_else(|_| "waltail".into()),
-            &primary,
-            &pgdata,
-            &spool,
-            style,
-            retry_interval,
-            method,
+            &crate::standby::InitStandby {
+                primary: &primary,
+                pgdata: &pgdata,
+                spool: &spool,
+                style,
+                retry: retry_interval,
+                method,
+                force,
+            },
         )) {
             Ok(made) => {
                 println!(
@@ -932,6 +939,9 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                     made.pgdata.display()
                 );
                 EXIT_OK
+            }
+            Err(e) if e.downcast_ref::<crate::standby::Precondition>().is_some() => {
+                bad_input("init-standby", e)
             }
             Err(e) => failed("init-standby", &e),
         },

@@ -99,12 +99,10 @@ async fn run_inner(opts: &DemoOptions) -> Result<DemoResult> {
     let pgdata = path("standby");
     crate::standby::init_standby(
         &exe,
-        &primary.conninfo(),
-        &pgdata,
-        &spool,
-        opts.style,
-        Duration::from_millis(100),
-        crate::standby::Method::Auto,
+        &crate::standby::InitStandby {
+            style: opts.style,
+            ..crate::standby::InitStandby::new(&primary.conninfo(), &pgdata, &spool)
+        },
     )
     .await?;
     let mut standby = Cluster::adopt("demo-standby", &pgdata)?;

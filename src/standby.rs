@@ -12,9 +12,16 @@
 //!   segment is read again, which sets hot-standby visibility lag);
 //! * `recovery_target_timeline = 'latest'`, `hot_standby = on`;
 //! * the signal file: `standby.signal` or `recovery.signal`.
+//!
+//! Before it writes anything it checks what the server will need
+//! ([`check_preconditions`]): the data directory is empty (or `--force`d, and
+//! no server runs in it); the spool exists, or is made with the server
+//! user's ownership, and that user can read it. A failure names the path,
+//! the user and the fix. The settings replace an earlier block of this
+//! command's (a backup of a standby made by waltail carries one) instead of
+//! adding a second.
 
-use std::fs::OpenOptions;
-use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -85,6 +92,147 @@ fn shell_word(p: &Path) -> String {
     q
 }
 
+/// The line that starts init-standby's block in postgresql.auto.conf.
+const BLOCK_MARK: &str = "# written by waltail init-standby";
+
+/// The settings init-standby's block sets (an earlier block is recognised
+/// by its mark and these names).
+const BLOCK_KEYS: [&str; 7] = [
+    "restore_command",
+    "archive_cleanup_command",
+    "wal_retrieve_retry_interval",
+    "recovery_target_timeline",
+    "hot_standby",
+    "primary_conninfo",
+    "recovery_prefetch",
+];
+
+/// `conf` without init-standby's earlier blocks: each mark line and the
+/// lines right after it that set one of [`BLOCK_KEYS`].
+pub fn without_block(conf: &str) -> String {
+    let mut out = Vec::new();
+    let mut in_block = false;
+    for line in conf.lines() {
+        if line.trim() == BLOCK_MARK {
+            in_block = true;
+            // The blank line written before the mark goes with it.
+            if out.last().is_some_and(|l: &&str| l.trim().is_empty()) {
+                out.pop();
+            }
+            continue;
+        }
+        if in_block {
+            let key = line.split('=').next().unwrap_or("").trim();
+            if BLOCK_KEYS.contains(&key) {
+                continue;
+            }
+            in_block = false;
+        }
+        out.push(line);
+    }
+    let mut s = out.join("\n");
+    if !s.is_empty() {
+        s.push('\n');
+    }
+    s
+}
+
+/// Why init-standby cannot go on: the server would not be able to use what
+/// it makes. Exit 2; nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Precondition(pub String);
+
+/// Checks, before anything is written, what the standby will need (see the
+/// module header); makes the spool directory if it is missing; with `force`
+/// empties a non-empty data directory that no server runs in.
+pub fn check_preconditions(
+    pgdata: &Path,
+    spool: &Path,
+    owner: Option<RunAs>,
+    force: bool,
+) -> Result<()> {
+    let server = match owner {
+        Some(r) => crate::access::Who::new(r.uid, r.gid),
+        None => crate::access::Who::current(),
+    };
+    let server_name = crate::access::user_name(server.uid);
+    let non_empty = pgdata.exists()
+        && std::fs::read_dir(pgdata)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true);
+    if non_empty && !force {
+        return Err(Precondition(format!(
+            "{} exists and is not empty: init-standby makes a new data directory (--force replaces what is in it)",
+            pgdata.display()
+        ))
+        .into());
+    }
+    if non_empty {
+        if let Some(pid) = running_postmaster(pgdata) {
+            return Err(Precondition(format!(
+                "{} is the data directory of a running server (pid {pid}, postmaster.pid): stop it first",
+                pgdata.display()
+            ))
+            .into());
+        }
+    }
+    match std::fs::metadata(spool) {
+        Ok(m) if !m.is_dir() => {
+            return Err(
+                Precondition(format!("spool {} is not a directory", spool.display())).into(),
+            )
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(spool)
+                .map_err(|e| Precondition(format!("cannot make spool {}: {e}", spool.display())))?;
+            if let Some(r) = owner {
+                r.chown(spool)?;
+            }
+        }
+        Err(e) => {
+            return Err(
+                Precondition(format!("cannot look at spool {}: {e}", spool.display())).into(),
+            )
+        }
+    }
+    if let Err(why) = server.check_can_read_dir(spool) {
+        return Err(Precondition(format!(
+            "the standby's server runs as {server_name}, and {why}: its restore_command could not read the spool. Fix: chown -R {} {} (and run waltail receive as that user too)",
+            server_name.split(' ').next().unwrap_or_default(),
+            spool.display()
+        ))
+        .into());
+    }
+    if let Err(why) = crate::access::check_private_dir(spool) {
+        return Err(Precondition(why).into());
+    }
+    if non_empty {
+        for e in std::fs::read_dir(pgdata)? {
+            let p = e?.path();
+            if p.is_dir() && !p.is_symlink() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            }
+            .with_context(|| format!("--force: removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The pid in `pgdata/postmaster.pid` if that process is alive.
+fn running_postmaster(pgdata: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    (pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok())
+        .then_some(pid)
+}
+
 /// The recovery settings for a standby fed from `spool`.
 ///
 /// In the recovery.signal style on PostgreSQL 15+, `recovery_prefetch` is
@@ -105,7 +253,7 @@ pub fn recovery_settings(
         ""
     };
     let mut conf = format!(
-        "\n# written by waltail init-standby\n\
+        "\n{BLOCK_MARK}\n\
          restore_command = '{exe} restore %f %p --spool {spool}{wait}'\n\
          archive_cleanup_command = '{exe} cleanup %r --spool {spool}'\n\
          wal_retrieve_retry_interval = '{ms}ms'\n\
@@ -133,12 +281,14 @@ pub fn configure(
     server_major: u32,
 ) -> Result<()> {
     let conf = pgdata.join("postgresql.auto.conf");
-    let mut f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&conf)
-        .with_context(|| format!("opening {}", conf.display()))?;
-    f.write_all(recovery_settings(exe, spool, style, retry, server_major).as_bytes())?;
+    let old = match std::fs::read_to_string(&conf) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", conf.display())),
+    };
+    let text = without_block(&old) + &recovery_settings(exe, spool, style, retry, server_major);
+    crate::fsio::write_atomic(&conf, text.as_bytes())
+        .with_context(|| format!("writing {}", conf.display()))?;
     for other in ["standby.signal", "recovery.signal"] {
         let _ = std::fs::remove_file(pgdata.join(other));
     }
@@ -151,31 +301,54 @@ pub fn configure(
     Ok(())
 }
 
+/// What `waltail init-standby` is asked to make.
+#[derive(Clone, Copy, Debug)]
+pub struct InitStandby<'a> {
+    /// conninfo of the primary to back up.
+    pub primary: &'a str,
+    pub pgdata: &'a Path,
+    pub spool: &'a Path,
+    pub style: Style,
+    /// wal_retrieve_retry_interval.
+    pub retry: Duration,
+    pub method: Method,
+    /// Replace what a non-empty `pgdata` holds.
+    pub force: bool,
+}
+
+impl<'a> InitStandby<'a> {
+    /// The defaults: standby.signal style, 100 ms retries, any method, no force.
+    pub fn new(primary: &'a str, pgdata: &'a Path, spool: &'a Path) -> Self {
+        InitStandby {
+            primary,
+            pgdata,
+            spool,
+            style: Style::Standby,
+            retry: Duration::from_millis(100),
+            method: Method::Auto,
+            force: false,
+        }
+    }
+}
+
 /// `waltail init-standby`.
 ///
 /// In the recovery.signal style the standby only replays complete segments,
 /// so the primary is asked to switch to a new segment after the backup: the
 /// backup's last segment completes at once and the standby becomes
 /// consistent (and, with hot_standby, readable) without waiting for traffic.
-pub async fn init_standby(
-    exe: &Path,
-    primary: &str,
-    pgdata: &Path,
-    spool: &Path,
-    style: Style,
-    retry: Duration,
-    method: Method,
-) -> Result<StandbyMade> {
-    if pgdata.exists()
-        && std::fs::read_dir(pgdata)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        bail!(
-            "{} exists and is not empty: init-standby makes a new data directory",
-            pgdata.display()
-        );
-    }
+pub async fn init_standby(exe: &Path, o: &InitStandby<'_>) -> Result<StandbyMade> {
+    let InitStandby {
+        primary,
+        pgdata,
+        spool,
+        style,
+        retry,
+        method,
+        force,
+    } = *o;
+    let owner = RunAs::for_servers()?;
+    check_preconditions(pgdata, spool, owner, force)?;
     let local = PgBin::find().map_err(anyhow::Error::msg)?;
     let info = {
         let c = crate::pg::client::connect(primary).await?;
@@ -209,13 +382,13 @@ pub async fn init_standby(
             true
         }
     };
-    let owner = RunAs::for_servers()?;
     if let Some(r) = owner {
         if let Some(parent) = pgdata.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-            .create(pgdata)?;
+        if !pgdata.exists() {
+            std::fs::DirBuilder::new().mode(0o700).create(pgdata)?;
+        }
         r.chown(pgdata)?;
     }
     let how = if use_copy {
@@ -269,6 +442,33 @@ pub async fn init_standby(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_earlier_block_is_replaced_not_repeated() {
+        let block = recovery_settings(
+            Path::new("/usr/bin/waltail"),
+            Path::new("/old-spool"),
+            Style::Standby,
+            Duration::from_millis(100),
+            15,
+        );
+        let mine = "# Do not edit this file manually!\nwork_mem = '8MB'\n";
+        let conf = format!("{mine}{block}log_min_messages = 'info'\n");
+        let again = without_block(&conf)
+            + &recovery_settings(
+                Path::new("/usr/bin/waltail"),
+                Path::new("/new-spool"),
+                Style::Recovery,
+                Duration::from_millis(100),
+                15,
+            );
+        assert_eq!(again.matches(BLOCK_MARK).count(), 1, "{again}");
+        assert!(again.starts_with(mine), "{again}");
+        assert!(again.contains("log_min_messages = 'info'"), "{again}");
+        assert!(!again.contains("/old-spool"), "{again}");
+        assert!(again.contains("--spool /new-spool --wait"), "{again}");
+        assert_eq!(without_block(mine), mine);
+    }
 
     #[test]
     fn recovery_prefetch_is_set_only_where_it_exists() {

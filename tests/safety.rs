@@ -295,3 +295,120 @@ fn restore_with_wait_stops_recovery_on_bad_arguments_instead_of_promoting() {
         "{help}"
     );
 }
+
+fn init_standby(
+    primary: &Cluster,
+    pgdata: &Path,
+    spool: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "init-standby",
+        "--primary",
+        &primary.conninfo(),
+        "--pgdata",
+        pgdata.to_str().unwrap(),
+        "--spool",
+        spool.to_str().unwrap(),
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    waltail(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn init_standby_checks_what_the_server_will_need_before_it_writes() {
+    let w = Workdir::new();
+    let primary = small_cluster("init-checks");
+    let server = RunAs::for_servers().unwrap();
+    // A spool the server's user cannot read: refused, naming path, user, fix.
+    let spool = w.path("spool");
+    empty_spool(&spool);
+    Break::WrongOwner.apply(&spool);
+    let pgdata = w.path("standby");
+    let out = init_standby(&primary, &pgdata, &spool, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(spool.to_str().unwrap()) && err.contains("chown"),
+        "{err}"
+    );
+    if server.is_some() {
+        assert!(
+            err.contains("postgres") && err.contains("owned by root"),
+            "{err}"
+        );
+    }
+    assert!(
+        !pgdata.exists(),
+        "init-standby wrote {} before refusing",
+        pgdata.display()
+    );
+    Break::WrongOwner.repair(&spool, b"");
+    // A spool others can write into: refused too.
+    set_mode(&spool, 0o777);
+    let out = init_standby(&primary, &pgdata, &spool, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 0700"));
+    set_mode(&spool, 0o700);
+    // A missing spool is made, the server's and private.
+    let new_spool = w.path("new-spool");
+    // The primary's own auto.conf carries a block (a primary that was a
+    // waltail standby once): the backup must not end with two.
+    std::fs::write(
+        primary.data.join("postgresql.auto.conf"),
+        format!(
+            "{}\n# written by waltail init-standby\nrestore_command = 'false'\nhot_standby = on\n",
+            std::fs::read_to_string(primary.data.join("postgresql.auto.conf")).unwrap()
+        ),
+    )
+    .unwrap();
+    let out = init_standby(&primary, &pgdata, &new_spool, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = std::fs::metadata(&new_spool).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o700);
+    if let Some(r) = server {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(m.uid(), r.uid);
+    }
+    let conf = std::fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+    assert_eq!(
+        conf.matches("# written by waltail init-standby").count(),
+        1,
+        "{conf}"
+    );
+    assert!(!conf.contains("restore_command = 'false'"), "{conf}");
+    // A data directory that is not empty: refused, unless --force.
+    let out = init_standby(&primary, &pgdata, &new_spool, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let out = init_standby(
+        &primary,
+        &pgdata,
+        &new_spool,
+        &["--force", "--style", "recovery"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conf = std::fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+    assert_eq!(
+        conf.matches("# written by waltail init-standby").count(),
+        1,
+        "{conf}"
+    );
+    assert!(pgdata.join("recovery.signal").exists() && !pgdata.join("standby.signal").exists());
+    // --force never touches a running server's directory.
+    let out = init_standby(&primary, &primary.data, &new_spool, &["--force"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("running server"));
+    assert_eq!(primary.psql("select 1").unwrap(), "1");
+}

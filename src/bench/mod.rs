@@ -207,12 +207,7 @@ async fn rig(method: Method, exe: &Path) -> Result<Rig> {
             let pgdata = p("standby");
             crate::standby::init_standby(
                 exe,
-                &r.primary.conninfo(),
-                &pgdata,
-                &p("spool"),
-                crate::standby::Style::Standby,
-                Duration::from_millis(100),
-                crate::standby::Method::Auto,
+                &crate::standby::InitStandby::new(&r.primary.conninfo(), &pgdata, &p("spool")),
             )
             .await?;
             let mut s = Cluster::adopt("bench-standby", &pgdata)?;
