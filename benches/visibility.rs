@@ -43,12 +43,11 @@ async fn one(retry_ms: u64, exe: &std::path::Path) {
     let pgdata = work.path().join("standby");
     waltail::standby::init_standby(
         exe,
-        &c.conninfo(),
-        &pgdata,
-        &spool,
-        Style::Standby,
-        Duration::from_millis(retry_ms),
-        waltail::standby::Method::Auto,
+        &waltail::standby::InitStandby {
+            style: Style::Standby,
+            retry: Duration::from_millis(retry_ms),
+            ..waltail::standby::InitStandby::new(&c.conninfo(), &pgdata, &spool)
+        },
     )
     .await
     .unwrap();
