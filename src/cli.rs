@@ -670,6 +670,9 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             };
             let mut cfg = crate::ship::ShipConfig::new(&a.primary, &receiver, secret);
             cfg.tls = a.auth.tls();
+            if let Err(e) = cfg.check() {
+                return bad_input("ship", e);
+            }
             cfg.interval = a.interval;
             cfg.ack_timeout = a.ack_timeout.max(Duration::from_millis(100));
             cfg.slot = (!a.no_slot).then_some(a.slot);
@@ -708,6 +711,8 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                     let code = failed("ship", &e);
                     if e.downcast_ref::<crate::ship::Refused>().is_some() {
                         EXIT_REFUSED
+                    } else if e.downcast_ref::<crate::ship::Misconfigured>().is_some() {
+                        EXIT_BAD_INPUT
                     } else {
                         code
                     }
@@ -1050,6 +1055,9 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 Ok(s) => s,
                 Err(e) => return bad_input("receive", e),
             };
+            if let Err(e) = crate::proto::host_of(&listen, "--listen") {
+                return bad_input("receive", e);
+            }
             let mut cfg = crate::receive::ReceiveConfig::new(&listen, spool, secret);
             cfg.tls = a.auth.tls();
             cfg.idle_timeout = a.idle_timeout;

@@ -412,3 +412,71 @@ fn init_standby_checks_what_the_server_will_need_before_it_writes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("running server"));
     assert_eq!(primary.psql("select 1").unwrap(), "1");
 }
+
+#[test]
+fn settings_that_cannot_work_exit_2_at_start_and_say_why() {
+    let w = Workdir::new();
+    let c = small_cluster("settings");
+    let secret = w.secret("secret", SECRET);
+    let (ca, cert, key) = crate::stream::make_tls(&w, "t-");
+    let ship = |receiver: &str, extra: &[&str]| {
+        let mut args = vec![
+            "ship".to_string(),
+            "--primary".into(),
+            c.conninfo(),
+            "--receiver".into(),
+            receiver.into(),
+            "--secret-file".into(),
+            secret.to_str().unwrap().into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let n = std::fs::read_dir(w.dir.path()).unwrap().count();
+        Daemon::start("ship", &args, w.path(&format!("ship-{n}.log")))
+    };
+    // An address without a port, a TLS name that cannot be checked.
+    for (receiver, extra, says) in [
+        ("127.0.0.1", vec![], "no port"),
+        ("standby.example.com:x", vec![], "is not a port"),
+        (
+            "exa mple:5433",
+            vec!["--tls-ca", ca.to_str().unwrap()],
+            "not a valid TLS server name",
+        ),
+    ] {
+        let mut tx = ship(receiver, &extra);
+        assert_eq!(tx.wait_exit(10), Some(2), "{receiver}: {}", tx.log_text());
+        assert!(
+            tx.log_text().contains(says),
+            "{receiver}: {}",
+            tx.log_text()
+        );
+    }
+    // TLS on the receiver only.
+    let spool = w.path("spool-tls");
+    let tls_rx = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &tls_rx);
+    let mut tx = ship(&addr, &[]);
+    assert_eq!(tx.wait_exit(30), Some(2), "{}", tx.log_text());
+    let said = "the receiver speaks TLS and this shipper has no --tls-ca";
+    assert!(tx.log_text().contains(said), "{}", tx.log_text());
+    rx.wait_log(&[said], 10);
+    drop(rx);
+    // TLS on the shipper only.
+    let spool = w.path("spool-plain");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let mut tx = ship(&addr, &["--tls-ca", ca.to_str().unwrap()]);
+    assert_eq!(tx.wait_exit(30), Some(2), "{}", tx.log_text());
+    assert!(
+        tx.log_text()
+            .contains("does not speak TLS, and this shipper has --tls-ca"),
+        "{}",
+        tx.log_text()
+    );
+    rx.wait_log(&["this receiver has no --tls-cert/--tls-key"], 10);
+    assert!(spool_position(&spool).is_none());
+}

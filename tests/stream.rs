@@ -396,7 +396,7 @@ fn the_slot_keeps_wal_until_it_has_been_shipped() {
 }
 
 /// A CA and a certificate for 127.0.0.1 signed by it, as PEM files.
-fn make_tls(
+pub fn make_tls(
     w: &Workdir,
     prefix: &str,
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
@@ -446,14 +446,15 @@ fn tls_streams_when_the_receiver_is_verified_and_not_otherwise() {
             key.to_str().unwrap(),
         ],
     );
-    let tx_bad = start_shipper(
+    let mut tx_bad = start_shipper(
         &w,
         &c,
         &addr_bad,
         &secret,
         &["--tls-ca", other_ca.to_str().unwrap()],
     );
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // A certificate that cannot be accepted is a setting to fix: exit 2.
+    assert_eq!(tx_bad.wait_exit(30), Some(2), "{}", tx_bad.log_text());
     assert!(spool_position(&spool_bad).is_none());
     assert!(
         tx_bad.log_text().to_lowercase().contains("certificate"),

@@ -97,6 +97,8 @@ pub enum RefuseCode {
     OtherCluster = 3,
     /// Authentication failed, or the protocol versions differ.
     Auth = 4,
+    /// The two sides' settings cannot work together (TLS on one side only).
+    Config = 5,
 }
 
 impl RefuseCode {
@@ -107,6 +109,7 @@ impl RefuseCode {
             2 => RefuseCode::Fenced,
             3 => RefuseCode::OtherCluster,
             4 => RefuseCode::Auth,
+            5 => RefuseCode::Config,
             _ => return None,
         })
     }
@@ -116,7 +119,7 @@ impl RefuseCode {
     pub fn is_permanent(self) -> bool {
         matches!(
             self,
-            RefuseCode::Fenced | RefuseCode::OtherCluster | RefuseCode::Auth
+            RefuseCode::Fenced | RefuseCode::OtherCluster | RefuseCode::Auth | RefuseCode::Config
         )
     }
 }

@@ -28,3 +28,38 @@ pub mod tls;
 pub use auth::Secret;
 pub use conn::{BoxIo, FrameReader, FrameWriter, ProtoError};
 pub use frame::{Frame, Hello, RefuseCode, MAX_DATA, MAX_FRAME};
+
+/// The host of a `HOST:PORT` address (`[v6]:PORT` for IPv6), or why the
+/// address given to `flag` cannot work.
+pub fn host_of<'a>(addr: &'a str, flag: &str) -> Result<&'a str, String> {
+    let bad = |why: &str| format!("{flag} {addr:?}: {why} (expected HOST:PORT, or [IPv6]:PORT)");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let host = match host.strip_prefix('[') {
+        Some(h) => h.strip_suffix(']').ok_or_else(|| bad("unclosed ["))?,
+        None if host.contains(':') => return Err(bad("an IPv6 address needs brackets")),
+        None => host,
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(_) => Ok(host),
+        Err(_) => Err(bad(&format!("{port:?} is not a port"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn addresses_need_a_host_and_a_port() {
+        assert_eq!(host_of("standby:5433", "--receiver"), Ok("standby"));
+        assert_eq!(host_of("[::1]:5433", "--receiver"), Ok("::1"));
+        assert_eq!(host_of("0.0.0.0:0", "--listen"), Ok("0.0.0.0"));
+        for bad in ["standby", "::1:5433", ":5433", "standby:", "standby:65536", "[::1:5433"] {
+            let e = host_of(bad, "--receiver").unwrap_err();
+            assert!(e.starts_with("--receiver") && e.contains("HOST:PORT"), "{bad}: {e}");
+        }
+    }
+}

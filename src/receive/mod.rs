@@ -227,8 +227,42 @@ impl Receiver {
     }
 }
 
-async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+/// The first byte of a TLS handshake record (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Catches TLS on one side only before it turns into an obscure error on
+/// both: a plain shipper at a TLS receiver, or a TLS shipper at a plain
+/// one, is told so in a plain Refuse frame (which a TLS client takes as a
+/// corrupt record and reports as such) and the connection closed.
+async fn check_tls_on_both_sides(shared: &Shared, sock: &mut TcpStream) -> anyhow::Result<()> {
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(HANDSHAKE_TIMEOUT, sock.peek(&mut first))
+        .await
+        .map_err(|_| anyhow::anyhow!("the peer sent nothing for {HANDSHAKE_TIMEOUT:?}"))??;
+    if n == 0 {
+        bail!("the peer closed the connection before saying anything");
+    }
+    let tls = first[0] == TLS_HANDSHAKE;
+    let why = match (shared.tls.is_some(), tls) {
+        (true, false) => "the receiver speaks TLS and this shipper has no --tls-ca",
+        (false, true) => {
+            "this receiver has no --tls-cert/--tls-key, and the shipper speaks TLS (--tls-ca)"
+        }
+        _ => return Ok(()),
+    };
+    let mut w = FrameWriter::new(&mut *sock);
+    let _ = w
+        .send(&Frame::Refuse {
+            code: RefuseCode::Config,
+            reason: why.into(),
+        })
+        .await;
+    bail!("refused: {why}")
+}
+
+async fn session(shared: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
     let _ = sock.set_nodelay(true);
+    check_tls_on_both_sides(&shared, &mut sock).await?;
     let io: BoxIo = match &shared.tls {
         Some(acc) => Box::new(
             tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(sock))

@@ -75,6 +75,15 @@ pub struct ShipConfig {
 }
 
 impl ShipConfig {
+    /// Checks the settings that cannot work whatever the network does: the
+    /// receiver's address, and TLS (certificates that load, a server name
+    /// that can be checked). Errors are for exit 2 at start.
+    pub fn check(&self) -> Result<(), String> {
+        let host = crate::proto::host_of(&self.receiver, "--receiver")?;
+        self.tls.connector(host)?;
+        Ok(())
+    }
+
     pub fn new(conninfo: &str, receiver: &str, secret: Secret) -> Self {
         ShipConfig {
             conninfo: conninfo.into(),
@@ -170,9 +179,17 @@ impl Refused {
     }
 }
 
+/// The two sides' settings cannot work together (TLS on one side only, a
+/// certificate that cannot match): exit 2, as for a bad argument.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Misconfigured(pub String);
+
 /// What a refusal means for the shipper: stop for good, or try again.
 fn refused(cfg: &ShipConfig, code: RefuseCode, reason: String) -> Fault {
-    if code.is_permanent() {
+    if code == RefuseCode::Config {
+        Fault::Fatal(Misconfigured(format!("receiver {}: {reason}", cfg.receiver)).into())
+    } else if code.is_permanent() {
         Fault::Fatal(Refused::new(cfg, code, reason).into())
     } else {
         Fault::Receiver(anyhow!("receiver refused: {reason}"))
@@ -432,24 +449,37 @@ async fn open_primary(cfg: &ShipConfig) -> Result<Primary, Fault> {
     })
 }
 
-async fn connect_receiver(cfg: &ShipConfig) -> anyhow::Result<BoxIo> {
+async fn connect_receiver(cfg: &ShipConfig) -> Result<BoxIo, Fault> {
     let sock = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&cfg.receiver))
         .await
-        .map_err(|_| anyhow!("connecting to {} timed out", cfg.receiver))?
-        .with_context(|| format!("cannot connect to receiver {}", cfg.receiver))?;
+        .map_err(|_| Fault::Receiver(anyhow!("connecting to {} timed out", cfg.receiver)))?
+        .with_context(|| format!("cannot connect to receiver {}", cfg.receiver))
+        .map_err(Fault::Receiver)?;
     let _ = sock.set_nodelay(true);
-    let host = cfg
-        .receiver
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-        .unwrap_or(&cfg.receiver);
-    match cfg.tls.connector(host).map_err(anyhow::Error::msg)? {
-        Some((c, name)) => Ok(Box::new(
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, c.connect(name, sock))
-                .await
-                .map_err(|_| anyhow!("TLS handshake timed out"))?
-                .context("TLS handshake with the receiver")?,
-        )),
+    let misconfigured = |e: String| Fault::Fatal(Misconfigured(e).into());
+    let host = crate::proto::host_of(&cfg.receiver, "--receiver").map_err(misconfigured)?;
+    match cfg.tls.connector(host).map_err(misconfigured)? {
+        Some((c, name)) => {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, c.connect(name, sock)).await {
+                Err(_) => Err(Fault::Receiver(anyhow!("TLS handshake timed out"))),
+                Ok(Ok(s)) => Ok(Box::new(s)),
+                Ok(Err(e)) => {
+                    use tokio_rustls::rustls::Error as TlsError;
+                    Err(match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
+                    // What came back is not TLS: the receiver speaks plain frames.
+                    Some(TlsError::InvalidMessage(_)) => misconfigured(format!(
+                        "the receiver {} does not speak TLS, and this shipper has --tls-ca: give the receiver --tls-cert and --tls-key, or drop --tls-ca here",
+                        cfg.receiver
+                    )),
+                    Some(TlsError::InvalidCertificate(why)) => misconfigured(format!(
+                        "the receiver {}'s certificate is not accepted ({why:?}): it must be signed by --tls-ca and name {host}",
+                        cfg.receiver
+                    )),
+                    _ => Fault::Receiver(anyhow::Error::new(e).context("TLS handshake with the receiver")),
+                })
+                }
+            }
+        }
         None => Ok(Box::new(sock)),
     }
 }
@@ -460,7 +490,7 @@ async fn open_session(
     fp: &FlushPoint,
     server_tli: TimelineId,
 ) -> Result<Session, Fault> {
-    let io = connect_receiver(cfg).await.map_err(Fault::Receiver)?;
+    let io = connect_receiver(cfg).await?;
     let (r, w) = tokio::io::split(io);
     let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
     client_auth(&mut r, &mut w, &cfg.secret)
@@ -470,6 +500,10 @@ async fn open_session(
                 crate::metrics::ship().auth_failures.inc();
                 Fault::Fatal(Refused::new(cfg, RefuseCode::Auth, e.to_string()).into())
             }
+            ProtoError::Refused {
+                code: RefuseCode::Config,
+                reason,
+            } => Fault::Fatal(Misconfigured(format!("receiver {}: {reason}", cfg.receiver)).into()),
             ProtoError::Refused { code, reason } => {
                 crate::metrics::ship().auth_failures.inc();
                 Fault::Fatal(Refused::new(cfg, code, reason).into())
