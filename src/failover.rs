@@ -271,14 +271,48 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
     Ok(report)
 }
 
-/// Refuses a standby of another cluster than the spool's WAL.
+/// How long failover tries to reach the standby before it gives up,
+/// having changed nothing.
+const STANDBY_ANSWER: Duration = Duration::from_secs(10);
+
+/// Checks, before anything is fenced, that `--standby` names a server that
+/// answers, is of the spool's cluster and is in recovery (unless an earlier
+/// run already published, and may have promoted it). A server that is up
+/// but not yet taking connections ("the database system is starting up",
+/// a recovery.signal standby before consistency) answers too: promote()
+/// waits for it and checks again.
 async fn check_standby(conninfo: &str, spool: &Spool) -> Result<()> {
-    let Ok(c) = crate::pg::client::connect(conninfo).await else {
-        // Not up yet (recovery.signal style, say): promote() waits for it
-        // and checks again.
-        return Ok(());
+    let deadline = Instant::now() + STANDBY_ANSWER;
+    let c = loop {
+        match crate::pg::client::connect(conninfo).await {
+            Ok(c) => break c,
+            Err(e) if starting_up(&e) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("standby not reachable yet: {e:#}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => bail!(
+                "cannot reach the standby at --standby {:?} ({e:#}); nothing was fenced or published: fix the conninfo, or leave out --standby to only publish the final segment",
+                crate::pg::client::redact(conninfo)
+            ),
+        }
     };
-    same_cluster(&crate::pg::client::server_info(&c).await?, spool)
+    let info = crate::pg::client::server_info(&c).await?;
+    same_cluster(&info, spool)?;
+    if !info.in_recovery && load_report(spool).is_none() {
+        bail!(
+            "the server at --standby {:?} is not in recovery: it is a primary (the old primary itself?); refusing to fail over to it, nothing was fenced",
+            crate::pg::client::redact(conninfo)
+        );
+    }
+    Ok(())
+}
+
+/// Whether a connection failed because the server is still starting (SQLSTATE 57P03).
+fn starting_up(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .any(|pe| pe.code() == Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW))
 }
 
 /// The standby must be the cluster whose WAL the spool holds.

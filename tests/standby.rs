@@ -477,6 +477,34 @@ fn failover_is_refused_while_the_primary_is_alive() {
     assert!(err.contains("another cluster"), "{err}");
     assert!(!s.spool.join("FENCED").exists());
     assert!(!s.spool.join("failover.json").exists());
+    // A --standby that does not answer (a typo in the port), or that is a
+    // primary (the old primary itself): refused with --force too, before
+    // anything is fenced or published.
+    let nowhere = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+        waltail::pg::cluster::free_port().unwrap()
+    );
+    for (standby, says) in [
+        (nowhere.as_str(), "cannot reach the standby"),
+        (s.primary.conninfo().as_str(), "not in recovery"),
+    ] {
+        let out = waltail(&[
+            "failover",
+            "--spool",
+            s.spool.to_str().unwrap(),
+            "--standby",
+            standby,
+            "--force",
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(says) && err.contains("nothing was fenced"),
+            "{err}"
+        );
+        assert!(!s.spool.join("FENCED").exists());
+        assert!(!s.spool.join("failover.json").exists());
+    }
     // Streaming goes on.
     s.primary.psql("insert into t values (2)").unwrap();
     wait_durable(&s.spool, flush_lsn(&s.primary), 30, &[&s.rx, &s.tx]);

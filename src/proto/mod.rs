@@ -57,9 +57,19 @@ mod tests {
         assert_eq!(host_of("standby:5433", "--receiver"), Ok("standby"));
         assert_eq!(host_of("[::1]:5433", "--receiver"), Ok("::1"));
         assert_eq!(host_of("0.0.0.0:0", "--listen"), Ok("0.0.0.0"));
-        for bad in ["standby", "::1:5433", ":5433", "standby:", "standby:65536", "[::1:5433"] {
+        for bad in [
+            "standby",
+            "::1:5433",
+            ":5433",
+            "standby:",
+            "standby:65536",
+            "[::1:5433",
+        ] {
             let e = host_of(bad, "--receiver").unwrap_err();
-            assert!(e.starts_with("--receiver") && e.contains("HOST:PORT"), "{bad}: {e}");
+            assert!(
+                e.starts_with("--receiver") && e.contains("HOST:PORT"),
+                "{bad}: {e}"
+            );
         }
     }
 }
