@@ -1100,7 +1100,14 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             });
             match r {
                 Ok(()) => EXIT_OK,
-                Err(e) => failed("receive", &e),
+                Err(e) => {
+                    let code = failed("receive", &e);
+                    match e.downcast_ref::<crate::receive::StartRefused>() {
+                        Some(crate::receive::StartRefused::Fenced(_)) => EXIT_REFUSED,
+                        Some(crate::receive::StartRefused::Unusable(_)) => EXIT_BAD_INPUT,
+                        None => code,
+                    }
+                }
             }
         }
         Command::Inspect { file, json } => match crate::inspect::inspect(&file) {

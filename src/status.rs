@@ -110,7 +110,16 @@ async fn query_lsn(conninfo: &str, sql: &str, what: &str) -> Result<Option<Lsn>,
 /// Gathers the status. Fails only when the spool itself is missing or not a spool.
 pub async fn gather(o: &StatusOptions) -> Result<Status, StatusError> {
     let spool = Spool::open(&o.spool).map_err(|e| StatusError::NoSpool(e.to_string()))?;
-    let rs = spool.status();
+    let mut errors = Vec::new();
+    let rs = match spool.read_status() {
+        Ok(rs) => rs,
+        // Advisory and rewritten every 200 ms: say so, go on without it.
+        Err(e @ crate::spool::SpoolError::Corrupt { .. }) => {
+            errors.push(e.to_string());
+            None
+        }
+        Err(e) => return Err(StatusError::NoSpool(e.to_string())),
+    };
     let position = spool
         .position()
         .map_err(|e| StatusError::NoSpool(e.to_string()))?;
@@ -124,7 +133,6 @@ pub async fn gather(o: &StatusOptions) -> Result<Status, StatusError> {
     let now = now_ms();
     let running = receiver_running(&spool);
     let fenced = spool.is_fenced();
-    let mut errors = Vec::new();
     let (primary_flush, source) = match &o.primary {
         Some(ci) => match query_lsn(ci, "SELECT pg_current_wal_flush_lsn()::text", "primary").await
         {
@@ -267,6 +275,14 @@ impl Status {
             self.seconds_since_durable_advance
                 .map_or("-".to_string(), |s| format!("{s:.1} s ago")),
         );
+        line(
+            "fenced",
+            if self.fenced {
+                "yes: a failover finalized this spool; it takes no more WAL".into()
+            } else {
+                "no".to_string()
+            },
+        );
         line("last error", opt(&self.last_error));
         for e in &self.errors {
             line("error", e.clone());
@@ -373,7 +389,11 @@ pub fn check(st: &Status, o: &CheckOptions) -> (u8, String) {
     } else if !st.receiver_running {
         raise(NAGIOS_CRITICAL, "receiver not running".into(), &mut code);
     } else if st.connection != "connected" {
-        raise(NAGIOS_WARNING, "no shipper connected".into(), &mut code);
+        let why = match &st.last_error {
+            Some(e) => format!("no shipper connected (last error: {e})"),
+            None => "no shipper connected".into(),
+        };
+        raise(NAGIOS_WARNING, why, &mut code);
     } else if let Some(s) = st.seconds_since_primary_heard {
         if s >= o.stale_after.as_secs_f64() {
             raise(

@@ -480,3 +480,129 @@ fn settings_that_cannot_work_exit_2_at_start_and_say_why() {
     rx.wait_log(&["this receiver has no --tls-cert/--tls-key"], 10);
     assert!(spool_position(&spool).is_none());
 }
+
+/// `waltail ARGS` as the server's user (when root; else as this user).
+fn waltail_as_server(args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(waltail_bin());
+    cmd.args(args);
+    if let Some(r) = RunAs::for_servers().unwrap() {
+        r.apply(&mut cmd);
+    }
+    cmd.output().unwrap()
+}
+
+/// Makes `p` a file the server's user cannot write: root's (when root),
+/// else read-only.
+fn foreign_file(p: &Path) {
+    std::fs::write(p, b"x").unwrap();
+    match RunAs::for_servers().unwrap() {
+        Some(_) => set_mode(p, 0o600),
+        None => set_mode(p, 0o400),
+    }
+}
+
+#[test]
+fn messages_name_the_real_problem() {
+    let w = Workdir::new();
+    let c = small_cluster("messages");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let tx = start_shipper(&w, &c, &addr, &secret, &[]);
+    c.psql("create table t(i int)").unwrap();
+    wait_durable(&spool, flush_lsn(&c), 30, &[&rx, &tx]);
+    drop(tx);
+    // A shipper with the wrong secret: check says why none is connected.
+    let other = w.secret("other", "another-secret-0123456789");
+    let mut bad = start_shipper(&w, &c, &addr, &other, &["--no-slot"]);
+    bad.wait_exit(30);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let out = waltail(&["check", "--spool", spool.to_str().unwrap()]);
+        let line = String::from_utf8_lossy(&out.stdout).to_string();
+        if line.contains("last error") || Instant::now() > deadline {
+            break line;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        line.contains("no shipper connected (last error: authentication"),
+        "{line}"
+    );
+    drop(rx);
+    // status and check by a user who cannot read the spool: permission
+    // denied, with the path, not "no such spool directory".
+    Break::WrongOwner.apply(&spool);
+    let unreadable_by = if RunAs::for_servers().unwrap().is_some() {
+        waltail_as_server
+    } else {
+        waltail
+    };
+    for cmd in ["status", "check"] {
+        let out = unreadable_by(&[cmd, "--spool", spool.to_str().unwrap()]);
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("ermission denied") && said.contains(spool.to_str().unwrap()),
+            "{cmd}: {said}"
+        );
+        assert!(!said.contains("no such spool directory"), "{cmd}: {said}");
+    }
+    Break::WrongOwner.repair(&spool, b"");
+    // A receiver that cannot write a file left in the spool names it, its
+    // owner and the fix, and does not start.
+    let leftover = spool.join("000000010000000000000009.partial");
+    foreign_file(&leftover);
+    let start = |spool: &Path| {
+        let args: Vec<String> = [
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+            spool.to_str().unwrap(),
+            "--secret-file",
+            secret.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let n = std::fs::read_dir(w.dir.path()).unwrap().count();
+        let mut d = Daemon::start("receive", &args, w.path(&format!("receive-x{n}.log")));
+        let code = d.wait_exit(20);
+        (code, d.log_text())
+    };
+    let (code, log) = start(&spool);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains(leftover.to_str().unwrap()) && log.contains("chown -R"),
+        "{log}"
+    );
+    std::fs::remove_file(&leftover).unwrap();
+    // A spool others can get at is refused.
+    set_mode(&spool, 0o777);
+    let (code, log) = start(&spool);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains("mode 0777") && log.contains("chmod 0700"),
+        "{log}"
+    );
+    set_mode(&spool, 0o700);
+    // A fenced spool: the receiver says so and exits 3 (not restarted);
+    // status says fenced in its text too.
+    std::fs::write(spool.join("FENCED"), "fenced by the test\n").unwrap();
+    if let Some(r) = RunAs::for_servers().unwrap() {
+        r.chown(&spool.join("FENCED")).unwrap();
+    }
+    let (code, log) = start(&spool);
+    assert_eq!(code, Some(3), "{log}");
+    assert!(
+        log.contains("is fenced") && log.contains("new, empty spool"),
+        "{log}"
+    );
+    let out = waltail(&["status", "--spool", spool.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("fenced") && l.contains("yes")),
+        "{text}"
+    );
+}

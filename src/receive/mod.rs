@@ -113,9 +113,44 @@ pub struct Receiver {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
+/// Why a receiver will not start on its spool; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartRefused {
+    /// A failover finalized the spool: exit 3, an operator must act.
+    #[error("spool {0} is fenced: a failover finalized it and it takes no more WAL. To receive a new primary's WAL, move it away (mv {0} {0}.failed-over) and start on a new, empty spool")]
+    Fenced(String),
+    /// The spool cannot be used as it is (its mode, files this user cannot
+    /// write): exit 2, with the fix.
+    #[error("{0}")]
+    Unusable(String),
+}
+
+/// The spool checks done before the receiver listens.
+fn check_spool(spool: &Spool) -> Result<(), StartRefused> {
+    let dir = spool.dir.display().to_string();
+    if spool.is_fenced() {
+        return Err(StartRefused::Fenced(dir));
+    }
+    crate::access::check_private_dir(&spool.dir).map_err(StartRefused::Unusable)?;
+    let me = crate::access::Who::current();
+    let bad = crate::access::unwritable_files(&spool.dir, &me)
+        .map_err(|e| StartRefused::Unusable(format!("cannot list spool {dir}: {e}")))?;
+    if !bad.is_empty() {
+        let user = crate::access::me();
+        return Err(StartRefused::Unusable(format!(
+            "this receiver runs as {user} and cannot write {} file(s) in spool {dir}, left by another user (a receiver run by hand as root?): {}. Fix: chown -R {} {dir}",
+            bad.len(),
+            bad.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+            user.split(' ').next().unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
 impl Receiver {
     pub async fn bind(cfg: ReceiveConfig) -> anyhow::Result<Receiver> {
         let spool = Spool::create(&cfg.spool)?;
+        check_spool(&spool)?;
         let lock_file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -140,11 +175,7 @@ impl Receiver {
         let status = ReceiverStatus {
             pid: std::process::id(),
             listen: listener.local_addr()?.to_string(),
-            state: if spool.is_fenced() {
-                ReceiverState::Fenced
-            } else {
-                ReceiverState::Waiting
-            },
+            state: ReceiverState::Waiting,
             started_at_ms: now_ms(),
             ..Default::default()
         };

@@ -297,11 +297,22 @@ impl Spool {
         std::os::unix::fs::chown(path, Some(m.uid()), Some(m.gid())).map_err(|e| self.io(e))
     }
 
-    /// Reads status.json (None if the receiver never wrote one).
+    /// Reads status.json (None if the receiver never wrote one, or it
+    /// cannot be read: see [`Spool::read_status`] for why).
     pub fn status(&self) -> Option<ReceiverStatus> {
-        fs::read(self.path(STATUS))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+        self.read_status().ok().flatten()
+    }
+
+    /// Reads status.json: None if the receiver never wrote one; an error
+    /// naming the file when it cannot be read or parsed.
+    pub fn read_status(&self) -> Result<Option<ReceiverStatus>> {
+        match fs::read(self.path(STATUS)) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| self.corrupt(format!("{STATUS} is damaged: {e}"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io_at(&self.path(STATUS), e)),
+        }
     }
 
     /// Writes status.json atomically, without fsync (it is advisory).

@@ -200,7 +200,7 @@ impl SpoolWriter {
                 .read(true)
                 .write(true)
                 .open(&path)
-                .map_err(|e| self.spool.io(e))?;
+                .map_err(|e| self.spool.io_at(&path, e))?;
             let len = f.metadata().map_err(|e| self.spool.io(e))?.len();
             if len != self.seg_size.bytes() {
                 return Err(self.err(format!(
