@@ -6,7 +6,9 @@
 //! |------|---------|
 //! | 0 | success |
 //! | 1 | the operation failed (server unreachable, I/O error, refused) |
-//! | 2 | bad input: a bad argument, a bad config file, or a file that is not what it should be |
+//! | 2 | bad input: a bad argument, a bad config file, a file that is not what it should be, settings that cannot work together |
+//! | 3 | `ship`, `receive`: refused for good (a fenced spool, a wrong secret, another cluster); the units do not restart on it |
+//! | 126 | `restore --wait`: bad arguments (fatal to PostgreSQL, so recovery stops rather than promoting) |
 //!
 //! `waltail check` is the exception: it exits with the Nagios codes 0 OK,
 //! 1 WARNING, 2 CRITICAL, 3 UNKNOWN (bad arguments included).
@@ -152,12 +154,15 @@ pub enum Command {
     },
     /// Ship the primary's flushed WAL to a receiver as it is written (run on the primary's host).
     #[command(
-        after_help = "Example:\n  waltail ship --primary 'host=/var/run/postgresql user=postgres' \\\n      --receiver standby.example.com:5433 --secret-file /etc/waltail/secret\n\nThe role needs superuser (it reads pg_control, data_directory and manages a replication slot).\nExit codes: 0 stopped by SIGTERM/SIGINT, 1 a fatal error (WAL gone, refused by the receiver), 2 bad arguments."
+        after_help = "Example:\n  waltail ship --primary 'host=/var/run/postgresql user=postgres' \\\n      --receiver standby.example.com:5433 --secret-file /etc/waltail/secret\n\nThe role needs superuser (it reads pg_control, data_directory and manages a replication slot).\nExit codes: 0 stopped by SIGTERM/SIGINT, 1 a fatal error (WAL gone), 2 bad arguments or settings that
+cannot work (no port, TLS on one side only, a certificate it cannot accept), 3 refused by the receiver
+for good (fenced spool: see the walk-through; wrong secret; another cluster)."
     )]
     Ship(ShipArgs),
     /// Receive WAL from a shipper into a spool directory (run on the standby's host).
     #[command(
-        after_help = "Example:\n  waltail receive --listen 0.0.0.0:5433 --spool /var/lib/waltail/spool \\\n      --secret-file /etc/waltail/secret\n\nExit codes: 0 stopped by SIGTERM/SIGINT, 1 a fatal error, 2 bad arguments."
+        after_help = "Example:\n  waltail receive --listen 0.0.0.0:5433 --spool /var/lib/waltail/spool \\\n      --secret-file /etc/waltail/secret\n\nExit codes: 0 stopped by SIGTERM/SIGINT, 1 a fatal error, 2 bad arguments or a spool it cannot use
+(others can get at it, files it cannot write), 3 the spool is fenced by a failover."
     )]
     Receive(ReceiveArgs),
     /// restore_command: copy a WAL file from the spool to where recovery wants it.
@@ -292,7 +297,8 @@ pub enum Command {
     /// Make a standby data directory fed from the spool (base backup + recovery settings).
     #[command(
         name = "init-standby",
-        after_help = "Example:\n  waltail init-standby --primary 'host=primary.example.com user=postgres' \\\n      --pgdata /var/lib/postgresql/15/standby --spool /var/lib/waltail/spool --style standby\n\nWith --method copy (or auto, when no pg_basebackup for the primary's version is installed) the\nprimary must run on this host: its data directory is copied between pg_backup_start and\npg_backup_stop (pg_start_backup/pg_stop_backup on 13 and 14), with the WAL of the backup.\n\nExit codes: 0 done, 1 failed, 2 bad arguments."
+        after_help = "Example:\n  waltail init-standby --primary 'host=primary.example.com user=postgres' \\\n      --pgdata /var/lib/postgresql/15/standby --spool /var/lib/waltail/spool --style standby\n\nWith --method copy (or auto, when no pg_basebackup for the primary's version is installed) the\nprimary must run on this host: its data directory is copied between pg_backup_start and\npg_backup_stop (pg_start_backup/pg_stop_backup on 13 and 14), with the WAL of the backup.\n\nExit codes: 0 done, 1 failed, 2 bad arguments or a precondition (data directory not empty, a spool
+the server's user cannot read), with nothing written."
     )]
     InitStandby {
         #[arg(long, env = "WALTAIL_PRIMARY")]

@@ -606,3 +606,49 @@ fn messages_name_the_real_problem() {
         "{text}"
     );
 }
+
+#[test]
+fn the_units_do_not_restart_on_refusals_and_follow_postgresql() {
+    let dir = repo_dir().join("docs/systemd");
+    for (unit, order) in [
+        ("waltail-ship.service", "After"),
+        ("waltail-receive.service", "Before"),
+    ] {
+        let text = std::fs::read_to_string(dir.join(unit)).unwrap();
+        let values = |key: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+                .flat_map(|v| v.split_whitespace().map(String::from).collect::<Vec<_>>())
+                .collect()
+        };
+        // The exit codes that an operator must act on are never restarted.
+        let prevent = values("RestartPreventExitStatus");
+        for code in [waltail::cli::EXIT_BAD_INPUT, waltail::cli::EXIT_REFUSED] {
+            assert!(prevent.contains(&code.to_string()), "{unit}: {prevent:?}");
+        }
+        assert_eq!(values("Restart"), ["on-failure"], "{unit}");
+        // Ordered against the real PostgreSQL unit (Debian's per-cluster one).
+        assert!(
+            values(order)
+                .iter()
+                .any(|u| u == "postgresql@15-main.service"),
+            "{unit}"
+        );
+        // No Documentation= pointing at a file nothing installs.
+        assert!(values("Documentation").is_empty(), "{unit}");
+        if let Ok(out) = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(dir.join(unit))
+            .output()
+        {
+            let err = String::from_utf8_lossy(&out.stderr);
+            // Only the binary's absence here is expected.
+            for l in err.lines().filter(|l| !l.trim().is_empty()) {
+                assert!(
+                    l.contains("is not executable") || l.contains("not found"),
+                    "{unit}: {l}"
+                );
+            }
+        }
+    }
+}

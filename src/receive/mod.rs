@@ -269,7 +269,7 @@ async fn check_tls_on_both_sides(shared: &Shared, sock: &mut TcpStream) -> anyho
     let mut first = [0u8; 1];
     let n = tokio::time::timeout(HANDSHAKE_TIMEOUT, sock.peek(&mut first))
         .await
-        .map_err(|_| anyhow::anyhow!("the peer sent nothing for {HANDSHAKE_TIMEOUT:?}"))??;
+        .map_err(|_| ProtoError::Timeout("ClientHello"))??;
     if n == 0 {
         bail!("the peer closed the connection before saying anything");
     }
