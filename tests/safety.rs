@@ -594,6 +594,29 @@ fn messages_name_the_real_problem() {
     }
     let (code, log) = start(&spool);
     assert_eq!(code, Some(3), "{log}");
+    // A secret copied as root (`scp -p`): the service's user is told whose
+    // file it is and what to chown.
+    if RunAs::for_servers().unwrap().is_some() {
+        let root_secret = w.path("root-secret");
+        std::fs::write(&root_secret, SECRET).unwrap();
+        std::os::unix::fs::chown(&root_secret, Some(0), Some(0)).unwrap();
+        set_mode(&root_secret, 0o400);
+        let out = waltail_as_server(&[
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+            w.path("other-spool").to_str().unwrap(),
+            "--secret-file",
+            root_secret.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("owned by root") && err.contains("chown postgres"),
+            "{err}"
+        );
+    }
     assert!(
         log.contains("is fenced") && log.contains("new, empty spool"),
         "{log}"

@@ -33,8 +33,19 @@ impl Secret {
     /// Reads a secret file (trailing newlines are ignored). It must hold at
     /// least 16 bytes.
     pub fn from_file(path: &Path) -> Result<Secret, String> {
-        let raw = std::fs::read(path)
-            .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+        let raw = std::fs::read(path).map_err(|e| {
+            let e = crate::access::explain(path, e);
+            let fix = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                format!(
+                    "; give it to the user the service runs as (chown {} {}), e.g. after an `scp -p` as root",
+                    crate::access::me().split(' ').next().unwrap_or_default(),
+                    path.display()
+                )
+            } else {
+                String::new()
+            };
+            format!("cannot read secret file {}: {e}{fix}", path.display())
+        })?;
         let mut s = raw.as_slice();
         while let [rest @ .., b'\n' | b'\r'] = s {
             s = rest;
