@@ -215,9 +215,14 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         /// A primary heard from within this long counts as alive.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         alive_window: Duration,
-        /// How long to wait for replay and promotion.
+        /// How long to wait for replay and promotion (and for the fence command).
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
+        /// Fence the old primary first (STONITH, a cloud API call, a firewall rule): run with
+        /// `sh -c` before anything is fenced or promoted; only its exit 0 lets the failover go on.
+        /// Gets WALTAIL_SPOOL and WALTAIL_PRIMARY_ADDR.
+        #[arg(long)]
+        fence_command: Option<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -802,11 +807,13 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             force,
             mut alive_window,
             mut timeout,
+            mut fence_command,
             json,
         } => {
             let f: config::FailoverFile = file!("failover");
             merge_opt(sub, "spool", &mut spool, f.spool);
             merge_opt(sub, "standby", &mut standby, f.standby);
+            merge_opt(sub, "fence_command", &mut fence_command, f.fence_command);
             merge_dur(sub, "alive_window", &mut alive_window, f.alive_window);
             merge_dur(sub, "timeout", &mut timeout, f.timeout);
             logging!("failover", f.log_level.as_deref());
@@ -822,6 +829,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 force,
                 alive_window,
                 timeout,
+                fence_command,
             };
             let (rt, _token) = runtime();
             match rt.block_on(crate::failover::run(&cfg)) {

@@ -98,6 +98,7 @@ pub struct RestoreFile {
 pub struct FailoverFile {
     pub spool: Option<PathBuf>,
     pub standby: Option<String>,
+    pub fence_command: Option<String>,
     pub alive_window: Option<Dur>,
     pub timeout: Option<Dur>,
     pub log_level: Option<String>,

@@ -157,6 +157,7 @@ async fn run_inner(opts: &DemoOptions) -> Result<DemoResult> {
         force: false,
         alive_window: Duration::from_secs(1),
         timeout: Duration::from_secs(60),
+        fence_command: None,
     })
     .await?;
     let ids = load::ids(&standby.conninfo(), "demo").await?;

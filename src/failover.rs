@@ -5,6 +5,8 @@
 //!
 //! 1. **Refuse a split brain**: if the receiver heard from a live primary
 //!    within `alive_window`, stop (unless `--force`).
+//!    Then, with `--fence-command`, fence the old primary itself
+//!    ([`crate::fence`]): only its exit 0 lets the failover go on.
 //! 2. **Fence**: create `FENCED`, then take the spool's write lock
 //!    exclusively, which waits out a batch being written; from then on the
 //!    receiver refuses data for this spool.
@@ -42,8 +44,10 @@ pub struct FailoverConfig {
     pub force: bool,
     /// A primary heard from within this window counts as alive.
     pub alive_window: Duration,
-    /// How long to wait for replay and promotion.
+    /// How long to wait for replay and promotion (and for the fence command).
     pub timeout: Duration,
+    /// Run before anything is fenced: only its exit 0 lets the failover go on.
+    pub fence_command: Option<String>,
 }
 
 /// How far a failover got (`state` in failover.json).
@@ -67,6 +71,9 @@ pub struct FailoverReport {
     pub new_timeline: Option<TimelineId>,
     pub bytes_kept: u64,
     pub bytes_discarded: u64,
+    /// What `--fence-command` did (absent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<crate::fence::FenceOutcome>,
     pub end_reason: String,
     pub seconds: f64,
     pub promoted: bool,
@@ -207,6 +214,14 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
             }
         }
     }
+    // 1b. Fence the old primary, before anything here changes.
+    let mut fenced_by = None;
+    if let Some(cmd) = &cfg.fence_command {
+        let peer = spool.status().and_then(|s| s.peer);
+        let outcome = crate::fence::run(cmd, &spool.dir, peer.as_deref(), cfg.timeout).await?;
+        info!(command = %cmd, "fence command succeeded: {}", outcome.output);
+        fenced_by = Some(outcome);
+    }
     // 2. Fence.
     if !spool.is_fenced() {
         write_atomic(
@@ -246,6 +261,7 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
                 new_timeline: None,
                 bytes_kept: cut.keep,
                 bytes_discarded: cut.discarded,
+                fence: None,
                 end_reason: cut.summary.end.to_string(),
                 seconds: 0.0,
                 promoted: false,
@@ -256,6 +272,10 @@ pub async fn run(cfg: &FailoverConfig) -> Result<FailoverReport> {
         }
     };
     drop(lock);
+    if fenced_by.is_some() {
+        report.fence = fenced_by;
+        save_report(&spool, &report)?;
+    }
     // 4. Promote.
     if let Some(conninfo) = &cfg.standby {
         promote(conninfo, &spool, &mut report, cfg.timeout).await?;
@@ -419,7 +439,10 @@ impl FailoverReport {
             self.bytes_discarded,
             self.end_reason,
             self.seconds
-        )
+        ) + &match &self.fence {
+            Some(f) => format!("fence command:    {} (exit {})\n", f.command, f.exit_code.unwrap_or(-1)),
+            None => String::new(),
+        }
     }
 }
 

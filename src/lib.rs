@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod failover;
+pub mod fence;
 pub mod fsio;
 pub mod inspect;
 pub mod load;

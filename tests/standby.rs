@@ -611,3 +611,55 @@ fn restore_refuses_hostile_names_and_cleanup_keeps_what_is_needed() {
     let out = waltail(&["cleanup", "../../x", "--spool", spool.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_fence_command_decides_whether_the_failover_goes_on() {
+    let mut s = setup("fence", "standby");
+    s.primary.psql("insert into t values (1)").unwrap();
+    wait_durable(&s.spool, flush_lsn(&s.primary), 30, &[&s.rx, &s.tx]);
+    s.primary.kill();
+    std::thread::sleep(Duration::from_millis(1200));
+    let run = |cmd: &str| {
+        waltail(&[
+            "failover",
+            "--spool",
+            s.spool.to_str().unwrap(),
+            "--standby",
+            &s.standby.conninfo(),
+            "--alive-window",
+            "1s",
+            "--fence-command",
+            cmd,
+            "--json",
+        ])
+    };
+    // A fence that fails: nothing fenced, published or promoted.
+    let out = run("echo the power switch did not answer; exit 4");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("exit 4") && err.contains("power switch"),
+        "{err}"
+    );
+    assert!(!s.spool.join("FENCED").exists());
+    assert!(!s.spool.join("failover.json").exists());
+    assert_eq!(s.standby.psql("select pg_is_in_recovery()").unwrap(), "t");
+    // A fence that works: the failover goes on and the report records it.
+    let seen = s.w.path("fenced-addr");
+    let out = run(&format!(
+        "echo \"$WALTAIL_PRIMARY_ADDR\" > {}",
+        seen.display()
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(report["fence"]["exit_code"], 0, "{report}");
+    assert!(std::fs::read_to_string(&seen)
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert_eq!(s.standby.psql("select pg_is_in_recovery()").unwrap(), "f");
+}

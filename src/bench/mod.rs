@@ -382,6 +382,7 @@ impl Rig {
                     force: false,
                     alive_window: Duration::from_secs(1),
                     timeout: Duration::from_secs(120),
+                    fence_command: None,
                 };
                 let rep = crate::failover::run(&cfg).await?;
                 eprintln!(
