@@ -227,6 +227,14 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         #[arg(long)]
         json: bool,
     },
+    /// Spool maintenance: `spool reset` readies a fenced spool for the next primary.
+    #[command(
+        after_help = "Example:\n  waltail spool reset --spool /var/lib/waltail/spool"
+    )]
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
     /// How far the standby host is behind the primary: LSNs, lag, connection, last error.
     #[command(
         after_help = "Example:\n  waltail status --spool /var/lib/waltail/spool \\\n      --primary 'host=primary.example.com user=postgres' --standby 'host=/var/run/postgresql user=postgres' --json\n\nLag in seconds: 0 while the spool durably holds the primary's flush position, else the time since it last did.\nWithout --primary the primary's flush position is the one the shipper last reported.\nExit codes: 0 printed, 1 printed but --primary or --standby could not be asked, 2 bad arguments or no spool."
@@ -325,6 +333,22 @@ the server's user cannot read), with nothing written."
         /// Replace what a non-empty --pgdata holds (never while a server runs in it).
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SpoolCommand {
+    /// After a failover: archive the fenced spool's files under <spool>/archived/<time>/ and
+    /// leave it empty, for the next primary (roles swapped back, say).
+    #[command(
+        after_help = "Example:\n  waltail spool reset --spool /var/lib/waltail/spool\n\nOnly a fenced spool with no receiver running is reset; nothing is deleted.\nExit codes: 0 reset, 1 refused (not fenced, a receiver running) or failed, 2 bad arguments."
+    )]
+    Reset {
+        #[arg(long, env = "WALTAIL_SPOOL")]
+        spool: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -842,6 +866,27 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                     EXIT_OK
                 }
                 Err(e) => failed("failover", &e),
+            }
+        }
+        Command::Spool {
+            command: SpoolCommand::Reset { spool, json },
+        } => {
+            let r = crate::spool::Spool::open(&spool).and_then(|s| s.reset());
+            match r {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        println!(
+                            "spool {} reset: {} files archived in {}; it is empty, for the next primary",
+                            r.spool.display(),
+                            r.files_moved,
+                            r.archived_to.display()
+                        );
+                    }
+                    EXIT_OK
+                }
+                Err(e) => failed("spool reset", &anyhow::Error::new(e)),
             }
         }
         Command::Status { mut target, json } => {

@@ -482,7 +482,7 @@ fn tls_streams_when_the_receiver_is_verified_and_not_otherwise() {
 }
 
 #[test]
-fn a_fenced_spool_stops_the_shipper_for_good_with_exit_3() {
+fn a_fenced_spool_stops_the_shipper_for_good_with_exit_3_until_it_is_reset() {
     let w = Workdir::new();
     let c = small_cluster("stream-fenced");
     let secret = w.secret("secret", SECRET);
@@ -503,4 +503,29 @@ fn a_fenced_spool_stops_the_shipper_for_good_with_exit_3() {
     let mut again = start_shipper(&w, &c, &addr, &secret, &[]);
     assert_eq!(again.wait_exit(30), Some(3), "{}", again.log_text());
     assert_eq!(spool_position(&spool), before);
+    // `spool reset` is refused while the receiver runs, then archives the
+    // old spool; a new primary (another cluster: the roles swapped) streams.
+    let s = spool.to_str().unwrap();
+    let out = waltail(&["spool", "reset", "--spool", s]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"));
+    drop(rx);
+    let out = waltail(&["spool", "reset", "--spool", s, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let archived = std::path::PathBuf::from(r["archived_to"].as_str().unwrap());
+    assert!(archived.starts_with(&spool) && archived.join("FENCED").exists());
+    assert!(archived.join("spool.json").exists() && !spool.join("spool.json").exists());
+    let b = small_cluster("stream-fenced-next");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let tx = start_shipper(&w, &b, &addr, &secret, &[]);
+    b.psql("create table t(i int)").unwrap();
+    wait_durable(&spool, flush_lsn(&b), 30, &[&rx, &tx]);
+    let out = waltail(&["spool", "reset", "--spool", s]);
+    assert_eq!(out.status.code(), Some(1), "a live spool is never reset");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not fenced"));
 }

@@ -117,7 +117,7 @@ pub struct Receiver {
 #[derive(Debug, thiserror::Error)]
 pub enum StartRefused {
     /// A failover finalized the spool: exit 3, an operator must act.
-    #[error("spool {0} is fenced: a failover finalized it and it takes no more WAL. To receive a new primary's WAL, move it away (mv {0} {0}.failed-over) and start on a new, empty spool")]
+    #[error("spool {0} is fenced: a failover finalized it and it takes no more WAL. To receive a new primary's WAL, run `waltail spool reset --spool {0}` (it archives the old files under {0}/archived/ and leaves a new, empty spool)")]
     Fenced(String),
     /// The spool cannot be used as it is (its mode, files this user cannot
     /// write): exit 2, with the fix.

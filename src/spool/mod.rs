@@ -17,6 +17,7 @@
 //! <spool>/failover.json     the failover's progress and report
 //! <spool>/receiver.lock     flock held by the one receiver of this spool
 //! <spool>/write.lock        flock: shared while a batch is written, exclusive to fence
+//! <spool>/archived/<time>/  what `waltail spool reset` moved out of a fenced spool
 //! ```
 //!
 //! Invariants:
@@ -30,6 +31,7 @@
 //! - A file under a final segment name is complete.
 //! - Files are created 0600 and the directory 0700.
 
+pub mod reset;
 pub mod writer;
 
 use std::fs::{self, File, OpenOptions};
