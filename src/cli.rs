@@ -227,10 +227,34 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         #[arg(long)]
         json: bool,
     },
-    /// Spool maintenance: `spool reset` readies a fenced spool for the next primary.
+    /// Turn a stopped old primary into a standby of the new primary (pg_rewind, keeping its own configuration).
     #[command(
-        after_help = "Example:\n  waltail spool reset --spool /var/lib/waltail/spool"
+        after_help = "Example (on the old primary's host, after a failover to B):\n  waltail rejoin --pgdata /var/lib/postgresql/15/main --primary 'host=b.example.com user=postgres' \\\n      --spool /var/lib/waltail/spool --wal-from /mnt/b-spool/archived/2026-12-02T17:00:00Z\n\nNeeds wal_log_hints = on or data checksums (else --allow-rebuild takes a fresh base backup).\nExit codes: 0 done, 1 failed (pg_rewind), 2 a precondition (a running server, another cluster, no hints)."
     )]
+    Rejoin {
+        /// The old primary's data directory (stopped).
+        #[arg(long)]
+        pgdata: PathBuf,
+        /// conninfo of the new primary.
+        #[arg(long, env = "WALTAIL_PRIMARY")]
+        primary: String,
+        /// The spool this node will be fed from as a standby.
+        #[arg(long, env = "WALTAIL_SPOOL")]
+        spool: PathBuf,
+        #[arg(long, value_enum, default_value = "standby")]
+        style: crate::standby::Style,
+        /// A spool (or archived spool) with the old primary's WAL, for what it recycled.
+        #[arg(long)]
+        wal_from: Option<PathBuf>,
+        /// Without wal_log_hints or data checksums, rebuild from a fresh base backup.
+        #[arg(long)]
+        allow_rebuild: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Spool maintenance: `spool reset` readies a fenced spool for the next primary.
+    #[command(after_help = "Example:\n  waltail spool reset --spool /var/lib/waltail/spool")]
     Spool {
         #[command(subcommand)]
         command: SpoolCommand,
@@ -657,6 +681,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
     if matches!(
         cli.command,
         Command::InitStandby { .. }
+            | Command::Rejoin { .. }
             | Command::Demo { .. }
             | Command::Bench { .. }
             | Command::Inspect { .. }
@@ -866,6 +891,50 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                     EXIT_OK
                 }
                 Err(e) => failed("failover", &e),
+            }
+        }
+        Command::Rejoin {
+            pgdata,
+            primary,
+            spool,
+            style,
+            wal_from,
+            allow_rebuild,
+            json,
+        } => {
+            let exe = std::env::current_exe().unwrap_or_else(|_| "waltail".into());
+            let o = crate::rejoin::Rejoin {
+                pgdata: &pgdata,
+                primary: &primary,
+                spool: &spool,
+                style,
+                wal_from: wal_from.as_deref(),
+                allow_rebuild,
+            };
+            match runtime().0.block_on(crate::rejoin::rejoin(&exe, &o)) {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        println!(
+                            "{}: {}{}; kept {}; now a {} standby of the new primary: start it",
+                            r.pgdata.display(),
+                            r.action,
+                            if r.checkpointed_primary {
+                                " (the new primary was checkpointed first)"
+                            } else {
+                                ""
+                            },
+                            r.kept.join(", "),
+                            r.style
+                        );
+                    }
+                    EXIT_OK
+                }
+                Err(e) if e.downcast_ref::<crate::standby::Precondition>().is_some() => {
+                    bad_input("rejoin", e)
+                }
+                Err(e) => failed("rejoin", &e),
             }
         }
         Command::Spool {

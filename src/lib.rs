@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod pg;
 pub mod proto;
 pub mod receive;
+pub mod rejoin;
 pub mod restore;
 pub mod ship;
 pub mod spool;

@@ -226,7 +226,7 @@ pub fn check_preconditions(
 }
 
 /// The pid in `pgdata/postmaster.pid` if that process is alive.
-fn running_postmaster(pgdata: &Path) -> Option<i32> {
+pub fn running_postmaster(pgdata: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
     (pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok())

@@ -8,6 +8,7 @@ mod faults;
 mod fuzz;
 mod harness;
 mod inspect;
+mod lifecycle;
 mod netfault;
 mod ops;
 mod protocol;
