@@ -340,9 +340,15 @@ pub struct ShipArgs {
     /// The receiver, as host:port.
     #[arg(long, env = "WALTAIL_RECEIVER")]
     pub receiver: Option<String>,
-    /// How often to poll the flush position (1ms to 10s).
-    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    /// How often to poll the flush position (1ms to 10s) whatever the write
+    /// events say: the safety net beside them, or the only trigger with
+    /// `--wake poll`.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub interval: Duration,
+    /// What wakes the shipper between polls: `inotify` (writes into pg_wal's
+    /// segments) or `poll` (the interval alone).
+    #[arg(long, value_enum, default_value = "inotify")]
+    pub wake: crate::ship::wake::WakeMode,
     /// Reconnect when WAL sent has gone unacknowledged this long, or a send
     /// blocks this long (a dead link that never closes).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -606,6 +612,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             merge(m, "primary", &mut a.primary, f.primary);
             merge_opt(m, "receiver", &mut a.receiver, f.receiver);
             merge_dur(m, "interval", &mut a.interval, f.interval);
+            merge(m, "wake", &mut a.wake, f.wake);
             merge_dur(m, "ack_timeout", &mut a.ack_timeout, f.ack_timeout);
             merge(m, "slot", &mut a.slot, f.slot);
             merge(m, "no_slot", &mut a.no_slot, f.no_slot);
@@ -642,6 +649,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             let mut cfg = crate::ship::ShipConfig::new(&a.primary, &receiver, secret);
             cfg.tls = a.auth.tls();
             cfg.interval = a.interval;
+            cfg.wake = a.wake;
             cfg.ack_timeout = a.ack_timeout.max(Duration::from_millis(100));
             cfg.slot = (!a.no_slot).then_some(a.slot);
             cfg.start_lsn = a.start_lsn;
@@ -658,7 +666,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 if explicit(&m, "interval") {
                     info!("SIGHUP: interval is set on the command line; keeping it");
                 } else {
-                    let every = f.interval.map_or(Duration::from_millis(10), |d| d.0);
+                    let every = f.interval.map_or(crate::ship::DEFAULT_INTERVAL, |d| d.0);
                     if every < Duration::from_millis(1) || every > Duration::from_secs(10) {
                         warn!("SIGHUP: interval must be between 1ms and 10s; keeping it");
                     } else {

@@ -14,3 +14,4 @@ mod protocol;
 mod soak;
 mod standby;
 mod stream;
+mod wake;

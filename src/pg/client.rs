@@ -153,6 +153,33 @@ pub async fn flush_point(c: &Client, stmt: &tokio_postgres::Statement) -> Result
     })
 }
 
+/// The poll with the server's write position as well:
+/// `pg_current_wal_lsn()` is where WAL has been written to (not yet
+/// necessarily flushed); ahead of the flush position, a flush is under way.
+/// The flush position is read first, so the write position is never behind it.
+pub const WAL_POINT_SQL: &str =
+    "SELECT l::text, n.file_name, n.file_offset, pg_current_wal_lsn()::text
+       FROM pg_current_wal_flush_lsn() l, pg_walfile_name_offset(l) n";
+
+/// Polls the flush point and the write position with a statement prepared
+/// once ([`WAL_POINT_SQL`]).
+pub async fn wal_point(c: &Client, stmt: &tokio_postgres::Statement) -> Result<(FlushPoint, Lsn)> {
+    let row = c
+        .query_one(stmt, &[])
+        .await
+        .context("polling pg_walfile_name_offset(pg_current_wal_flush_lsn())")?;
+    let lsn: String = row.get(0);
+    let off: i32 = row.get(2);
+    let write: String = row.get(3);
+    let fp = FlushPoint {
+        lsn: lsn.parse()?,
+        file_name: row.get(1),
+        file_offset: off.max(0) as u64,
+    };
+    let write: Lsn = write.parse()?;
+    Ok((fp.clone(), write.max(fp.lsn)))
+}
+
 pub async fn current_lsn(c: &Client) -> Result<Lsn> {
     let row = c
         .query_one("SELECT pg_current_wal_lsn()::text", &[])

@@ -1,0 +1,178 @@
+//! When the shipper asks the primary for its flush position, and how it
+//! reads the answer.
+//!
+//! Three things make it look: the fixed `--interval` tick (the safety net,
+//! and the only source with `--wake poll`), a write event from [`super::wake`],
+//! and the [`Chase`] that follows an event. PostgreSQL writes WAL before it
+//! flushes it, so the look an event triggers often finds the write position
+//! (`pg_current_wal_lsn()`) ahead of the flush position: a flush is under
+//! way. The chase then looks again at once, a few times (an `fdatasync` of a
+//! commit takes a fraction of a millisecond on a local disk, about a round
+//! trip to the backend), then after 1 ms, 2 ms, 4 ms ... up to the interval,
+//! until the flush position has caught up with the write position it saw.
+//! A server that writes without flushing (a backend whose `wal_buffers` are
+//! full) is therefore looked at no more often than every interval once the
+//! quick looks are spent.
+//!
+//! Also here: the cross-check of `pg_walfile_name_offset`'s segment name,
+//! and the reconnect backoff.
+
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use crate::pg::client::FlushPoint;
+use crate::wal::{Lsn, SegmentName, SegmentSize, TimelineId};
+
+/// Looks taken at once after an event before the chase waits between them.
+const QUICK_LOOKS: u32 = 4;
+
+/// The follow-up looks after a write event, while a flush is under way.
+#[derive(Debug, Default)]
+pub struct Chase {
+    due: Option<Instant>,
+    looks: u32,
+}
+
+impl Chase {
+    /// When to look again, if a flush is being chased.
+    pub fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// A write event: the next look starts a new chase.
+    pub fn woken(&mut self) {
+        self.looks = 0;
+        self.due = None;
+    }
+
+    /// After a look that found the server written to `write` and flushed to
+    /// `flush`: keep chasing while the write is ahead, at most every `cap`
+    /// once the quick looks are spent.
+    pub fn looked(&mut self, write: Lsn, flush: Lsn, cap: Duration) {
+        if write <= flush {
+            self.due = None;
+            self.looks = 0;
+            return;
+        }
+        self.looks += 1;
+        let wait = if self.looks <= QUICK_LOOKS {
+            Duration::ZERO
+        } else {
+            let n = (self.looks - QUICK_LOOKS - 1).min(16);
+            Duration::from_millis(1u64 << n).min(cap)
+        };
+        self.due = Some(Instant::now() + wait);
+    }
+}
+
+/// Cross-checks `pg_walfile_name_offset` against our own segment math and
+/// logs a disagreement (13-16: an LSN on a boundary is named after the
+/// previous segment with offset 0; 17+: after the new segment).
+pub fn check_name_quirk(fp: &FlushPoint, seg_size: SegmentSize, major: u32) -> bool {
+    let expected = if fp.file_offset == 0 && major < 17 {
+        fp.lsn.prev_segment_number(seg_size)
+    } else {
+        fp.lsn.segment_number(seg_size)
+    };
+    let tli = fp.timeline().unwrap_or(TimelineId(1));
+    let name = SegmentName::new(tli, expected).file_name(seg_size);
+    if name != fp.file_name {
+        warn!(lsn = %fp.lsn, file = %fp.file_name, expected = %name, "pg_walfile_name_offset names an unexpected segment");
+        return false;
+    }
+    true
+}
+
+/// Exponential backoff from 100 ms up to a maximum.
+pub struct Backoff {
+    pub failures: u32,
+    until: Instant,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(max: Duration) -> Self {
+        Backoff {
+            failures: 0,
+            until: Instant::now(),
+            max,
+        }
+    }
+    pub fn due(&self) -> bool {
+        Instant::now() >= self.until
+    }
+    pub fn fail(&mut self) -> Duration {
+        self.failures += 1;
+        let d =
+            Duration::from_millis(100u64.saturating_mul(1 << self.failures.min(10))).min(self.max);
+        self.until = Instant::now() + d;
+        d
+    }
+    pub fn reset(&mut self) {
+        self.failures = 0;
+        self.until = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boundary_quirk_is_understood_for_both_behaviours() {
+        let s16 = SegmentSize::DEFAULT;
+        let on_boundary = |name: &str| FlushPoint {
+            lsn: "0/3000000".parse().unwrap(),
+            file_name: name.into(),
+            file_offset: 0,
+        };
+        // 13-16: the previous segment.
+        assert!(check_name_quirk(
+            &on_boundary("000000010000000000000002"),
+            s16,
+            15
+        ));
+        assert!(!check_name_quirk(
+            &on_boundary("000000010000000000000003"),
+            s16,
+            15
+        ));
+        // 17+: the new segment.
+        assert!(check_name_quirk(
+            &on_boundary("000000010000000000000003"),
+            s16,
+            17
+        ));
+        let mid = FlushPoint {
+            lsn: "0/3000028".parse().unwrap(),
+            file_name: "000000010000000000000003".into(),
+            file_offset: 0x28,
+        };
+        assert!(check_name_quirk(&mid, s16, 15));
+    }
+
+    #[test]
+    fn a_chase_looks_at_once_then_backs_off_to_the_interval_and_ends_when_flushed() {
+        let (w, f) = (Lsn(200), Lsn(100));
+        let cap = Duration::from_millis(5);
+        let mut c = Chase::default();
+        assert_eq!(c.due(), None);
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let before = Instant::now();
+            c.looked(w, f, cap);
+            waits.push(c.due().unwrap().saturating_duration_since(before));
+        }
+        assert!(waits[..QUICK_LOOKS as usize]
+            .iter()
+            .all(|d| *d < Duration::from_millis(1)));
+        assert!(waits[QUICK_LOOKS as usize] >= Duration::from_millis(1));
+        assert!(waits.iter().all(|d| *d <= cap + Duration::from_millis(1)));
+        c.looked(w, w, cap);
+        assert_eq!(c.due(), None, "flushed: the chase ends");
+        c.looked(w, f, cap);
+        c.woken();
+        assert_eq!(c.due(), None);
+    }
+}
