@@ -266,12 +266,16 @@ pub enum Command {
         /// Directory for bench.json and bench.md.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
-        /// Comma-separated: waltail-1, waltail-10, streaming, receivewal, archive-1, archive-60.
+        /// Comma-separated: waltail (its defaults: inotify, 100ms poll), waltail-1 and
+        /// waltail-10 (--wake poll at 1ms, 10ms), streaming, receivewal, archive-1, archive-60.
         #[arg(
             long,
-            default_value = "waltail-1,waltail-10,streaming,receivewal,archive-1,archive-60"
+            default_value = "waltail,waltail-1,streaming,receivewal,archive-1,archive-60"
         )]
         methods: String,
+        /// Seconds of the idle CPU window per method.
+        #[arg(long, default_value_t = 15)]
+        idle_cpu_seconds: u64,
         /// Seconds of probe commits per workload.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
@@ -934,6 +938,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
         Command::Bench {
             out,
             methods,
+            idle_cpu_seconds,
             seconds,
             bulk_rows,
             trials,
@@ -943,8 +948,15 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             let mut ms = Vec::new();
             for m in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
                 ms.push(match m {
-                    "waltail-1" => Method::Waltail { interval_ms: 1 },
-                    "waltail-10" => Method::Waltail { interval_ms: 10 },
+                    "waltail" => Method::WALTAIL_DEFAULTS,
+                    "waltail-1" => Method::Waltail {
+                        interval_ms: 1,
+                        events: false,
+                    },
+                    "waltail-10" => Method::Waltail {
+                        interval_ms: 10,
+                        events: false,
+                    },
                     "streaming" => Method::Streaming,
                     "receivewal" => Method::Receivewal,
                     "archive-1" => Method::Archive { timeout_s: 1 },
@@ -958,6 +970,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 seconds: seconds.clamp(1, 600),
                 bulk_rows: bulk_rows.clamp(1000, 100_000_000),
                 trials: trials.min(100),
+                idle_cpu_secs: idle_cpu_seconds.clamp(1, 600),
                 seed: seed.unwrap_or_else(|| {
                     std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)

@@ -4,10 +4,10 @@
 //! **When it looks.** An inotify watch on pg_wal ([`wake`]) wakes the shipper
 //! the moment PostgreSQL writes into a segment; it then asks for
 //! `pg_walfile_name_offset(pg_current_wal_flush_lsn())` together with the
-//! write position `pg_current_wal_lsn()`. PostgreSQL writes WAL before it
-//! fdatasyncs it, so while the write position is ahead of the flush
-//! position the shipper looks again at once a few times, then with backoff
-//! up to the interval ([`poll::Chase`]). Beside the events a fixed poll every
+//! insert position `pg_current_wal_insert_lsn()`. PostgreSQL writes WAL
+//! before it fdatasyncs it, so while the insert position is ahead of the
+//! flush position the shipper looks again at once a few times, then with
+//! backoff up to the interval ([`poll::Chase`]). Beside the events a fixed poll every
 //! `interval` (default 100 ms) keeps running: the safety net for events that
 //! never came (a full inotify queue, a watch that failed) and the shipper's
 //! heartbeat; `--wake poll` turns the events off and leaves only it. Why not
@@ -247,8 +247,8 @@ pub async fn run(
         let p = primary.as_mut().expect("connected above");
         m.polls.inc();
         let fp = match wal_point(&p.client, &p.poll).await {
-            Ok((fp, write)) => {
-                chase.looked(write, fp.lsn, tick.period());
+            Ok((fp, inserted)) => {
+                chase.looked(inserted, fp.lsn, tick.period());
                 fp
             }
             Err(e) => {

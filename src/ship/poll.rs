@@ -4,14 +4,16 @@
 //! Three things make it look: the fixed `--interval` tick (the safety net,
 //! and the only source with `--wake poll`), a write event from [`super::wake`],
 //! and the [`Chase`] that follows an event. PostgreSQL writes WAL before it
-//! flushes it, so the look an event triggers often finds the write position
-//! (`pg_current_wal_lsn()`) ahead of the flush position: a flush is under
-//! way. The chase then looks again at once, a few times (an `fdatasync` of a
-//! commit takes a fraction of a millisecond on a local disk, about a round
-//! trip to the backend), then after 1 ms, 2 ms, 4 ms ... up to the interval,
-//! until the flush position has caught up with the write position it saw.
-//! A server that writes without flushing (a backend whose `wal_buffers` are
-//! full) is therefore looked at no more often than every interval once the
+//! flushes it, so the look an event triggers often finds the insert position
+//! (`pg_current_wal_insert_lsn()`) ahead of the flush position: WAL is on
+//! its way to disk. (Not the write position: XLogWrite, in PostgreSQL 15 at least, publishes it
+//! with the flush position, after the fdatasync.) The chase then looks
+//! again at once, a few times (an `fdatasync` of a commit takes a fraction
+//! of a millisecond on a local disk, about a round trip to the backend),
+//! then after 1 ms, 2 ms, 4 ms ... up to the interval, until the flush
+//! position has caught up with the insert position it saw. WAL inserted but
+//! left for the walwriter (an open transaction's records on a partly filled
+//! page) is therefore looked at no more often than every interval once the
 //! quick looks are spent.
 //!
 //! Also here: the cross-check of `pg_walfile_name_offset`'s segment name,
@@ -46,11 +48,11 @@ impl Chase {
         self.due = None;
     }
 
-    /// After a look that found the server written to `write` and flushed to
-    /// `flush`: keep chasing while the write is ahead, at most every `cap`
-    /// once the quick looks are spent.
-    pub fn looked(&mut self, write: Lsn, flush: Lsn, cap: Duration) {
-        if write <= flush {
+    /// After a look that found WAL inserted up to `inserted` and flushed to
+    /// `flush`: keep chasing while the insert position is ahead, at most
+    /// every `cap` once the quick looks are spent.
+    pub fn looked(&mut self, inserted: Lsn, flush: Lsn, cap: Duration) {
+        if inserted <= flush {
             self.due = None;
             self.looks = 0;
             return;

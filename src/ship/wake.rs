@@ -8,8 +8,8 @@
 //! `pg_wal` reports each such write as `IN_MODIFY` on a file named like a
 //! segment: that is the moment to look at the flush position. The write
 //! comes *before* the flush, so one look is often too early; the shipper
-//! then looks again shortly, with backoff, while the server's write position
-//! is ahead of its flush position (see `Chase` in the shipper's loop).
+//! then looks again shortly, with backoff, while the server's insert position
+//! is ahead of its flush position ([`super::poll::Chase`]).
 //!
 //! Only the wake-up comes from here. What may be shipped is still decided by
 //! `pg_current_wal_flush_lsn()` alone, and the fixed poll every `--interval`
