@@ -266,7 +266,7 @@ pub enum Command {
         /// Directory for bench.json and bench.md.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
-        /// Comma-separated: waltail (its defaults: inotify, 100ms poll), waltail-1 and
+        /// Comma-separated: waltail (its defaults: inotify, 250ms poll), waltail-1 and
         /// waltail-10 (--wake poll at 1ms, 10ms), streaming, receivewal, archive-1, archive-60.
         #[arg(
             long,
@@ -347,7 +347,7 @@ pub struct ShipArgs {
     /// How often to poll the flush position (1ms to 10s) whatever the write
     /// events say: the safety net beside them, or the only trigger with
     /// `--wake poll`.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub interval: Duration,
     /// What wakes the shipper between polls: `inotify` (writes into pg_wal's
     /// segments) or `poll` (the interval alone).

@@ -6,9 +6,11 @@
 //! `pg_walfile_name_offset(pg_current_wal_flush_lsn())` together with the
 //! insert position `pg_current_wal_insert_lsn()`. PostgreSQL writes WAL
 //! before it fdatasyncs it, so while the insert position is ahead of the
-//! flush position the shipper looks again at once a few times, then with
-//! backoff up to the interval ([`poll::Chase`]). Beside the events a fixed poll every
-//! `interval` (default 100 ms) keeps running: the safety net for events that
+//! flush position the shipper looks again at once (8 round trips), then every
+//! millisecond, then with backoff up to the interval ([`poll::Chase`]); under
+//! load, when WAL is always on its way, that is at most about one look a
+//! millisecond. Beside the events a fixed poll every
+//! `interval` (default 250 ms) keeps running: the safety net for events that
 //! never came (a full inotify queue, a watch that failed) and the shipper's
 //! heartbeat; `--wake poll` turns the events off and leaves only it. Why not
 //! a replication connection as the wake-up: its walsender would stream the
@@ -67,7 +69,7 @@ use source::WalSource;
 use wake::{Wake, WakeMode};
 
 /// The fixed poll's default: the safety net beside the write events.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(100);
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Clone, Debug)]
 pub struct ShipConfig {
@@ -199,7 +201,11 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
-            () = async { match primary.as_mut() { Some(p) => p.wake.wait().await, None => std::future::pending().await } } => chase.woken(),
+            () = async { match primary.as_mut() { Some(p) => p.wake.wait().await, None => std::future::pending().await } } => {
+                if !chase.woken() {
+                    continue;
+                }
+            }
             () = async { match chase_due { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {}
             Ok(()) = async { match reload.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
                 let every = *reload.as_mut().expect("changed above").borrow_and_update();
@@ -214,7 +220,7 @@ pub async fn run(
         }
         // The primary.
         if primary.is_none() {
-            chase.woken();
+            chase.reset();
             if !pg_backoff.due() {
                 continue;
             }
