@@ -198,24 +198,32 @@ pub async fn run(
     let mut chase = Chase::default();
     loop {
         let chase_due = chase.due();
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-            () = async { match primary.as_mut() { Some(p) => p.wake.wait().await, None => std::future::pending().await } } => {
-                if !chase.woken() {
+        // A look due now is taken without the timer, which rounds every
+        // deadline up to its next millisecond tick.
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let due_now = chase_due.is_some_and(|t| t <= Instant::now());
+        if !due_now {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+                () = async { match primary.as_mut() { Some(p) => p.wake.wait().await, None => std::future::pending().await } } => {
+                    if !chase.woken() {
+                        continue;
+                    }
+                }
+                () = async { match chase_due { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {}
+                Ok(()) = async { match reload.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
+                    let every = *reload.as_mut().expect("changed above").borrow_and_update();
+                    if every != tick.period() {
+                        info!("poll interval now {}", humantime::format_duration(every));
+                        tick = tokio::time::interval(every);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        m.interval_seconds.set(every.as_secs_f64());
+                    }
                     continue;
                 }
-            }
-            () = async { match chase_due { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {}
-            Ok(()) = async { match reload.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
-                let every = *reload.as_mut().expect("changed above").borrow_and_update();
-                if every != tick.period() {
-                    info!("poll interval now {}", humantime::format_duration(every));
-                    tick = tokio::time::interval(every);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    m.interval_seconds.set(every.as_secs_f64());
-                }
-                continue;
             }
         }
         // The primary.
