@@ -312,12 +312,16 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         /// Directory for bench.json and bench.md.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
-        /// Comma-separated: waltail-1, waltail-10, streaming, receivewal, archive-1, archive-60.
+        /// Comma-separated: waltail (its defaults: inotify, 250ms poll), waltail-1 and
+        /// waltail-10 (--wake poll at 1ms, 10ms), streaming, receivewal, archive-1, archive-60.
         #[arg(
             long,
-            default_value = "waltail-1,waltail-10,streaming,receivewal,archive-1,archive-60"
+            default_value = "waltail,waltail-1,streaming,receivewal,archive-1,archive-60"
         )]
         methods: String,
+        /// Seconds of the idle CPU window per method.
+        #[arg(long, default_value_t = 15)]
+        idle_cpu_seconds: u64,
         /// Seconds of probe commits per workload.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
@@ -406,9 +410,15 @@ pub struct ShipArgs {
     /// The receiver, as host:port.
     #[arg(long, env = "WALTAIL_RECEIVER")]
     pub receiver: Option<String>,
-    /// How often to poll the flush position (1ms to 10s).
-    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    /// How often to poll the flush position (1ms to 10s) whatever the write
+    /// events say: the safety net beside them, or the only trigger with
+    /// `--wake poll`.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub interval: Duration,
+    /// What wakes the shipper between polls: `inotify` (writes into pg_wal's
+    /// segments) or `poll` (the interval alone).
+    #[arg(long, value_enum, default_value = "inotify")]
+    pub wake: crate::ship::wake::WakeMode,
     /// Reconnect when WAL sent has gone unacknowledged this long, or a send
     /// blocks this long (a dead link that never closes).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -695,6 +705,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             merge(m, "primary", &mut a.primary, f.primary);
             merge_opt(m, "receiver", &mut a.receiver, f.receiver);
             merge_dur(m, "interval", &mut a.interval, f.interval);
+            merge(m, "wake", &mut a.wake, f.wake);
             merge_dur(m, "ack_timeout", &mut a.ack_timeout, f.ack_timeout);
             merge(m, "slot", &mut a.slot, f.slot);
             merge(m, "no_slot", &mut a.no_slot, f.no_slot);
@@ -734,6 +745,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 return bad_input("ship", e);
             }
             cfg.interval = a.interval;
+            cfg.wake = a.wake;
             cfg.ack_timeout = a.ack_timeout.max(Duration::from_millis(100));
             cfg.slot = (!a.no_slot).then_some(a.slot);
             cfg.start_lsn = a.start_lsn;
@@ -750,7 +762,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 if explicit(&m, "interval") {
                     info!("SIGHUP: interval is set on the command line; keeping it");
                 } else {
-                    let every = f.interval.map_or(Duration::from_millis(10), |d| d.0);
+                    let every = f.interval.map_or(crate::ship::DEFAULT_INTERVAL, |d| d.0);
                     if every < Duration::from_millis(1) || every > Duration::from_secs(10) {
                         warn!("SIGHUP: interval must be between 1ms and 10s; keeping it");
                     } else {
@@ -1106,6 +1118,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
         Command::Bench {
             out,
             methods,
+            idle_cpu_seconds,
             seconds,
             bulk_rows,
             trials,
@@ -1115,8 +1128,15 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             let mut ms = Vec::new();
             for m in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
                 ms.push(match m {
-                    "waltail-1" => Method::Waltail { interval_ms: 1 },
-                    "waltail-10" => Method::Waltail { interval_ms: 10 },
+                    "waltail" => Method::WALTAIL_DEFAULTS,
+                    "waltail-1" => Method::Waltail {
+                        interval_ms: 1,
+                        events: false,
+                    },
+                    "waltail-10" => Method::Waltail {
+                        interval_ms: 10,
+                        events: false,
+                    },
                     "streaming" => Method::Streaming,
                     "receivewal" => Method::Receivewal,
                     "archive-1" => Method::Archive { timeout_s: 1 },
@@ -1130,6 +1150,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 seconds: seconds.clamp(1, 600),
                 bulk_rows: bulk_rows.clamp(1000, 100_000_000),
                 trials: trials.min(100),
+                idle_cpu_secs: idle_cpu_seconds.clamp(1, 600),
                 seed: seed.unwrap_or_else(|| {
                     std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)

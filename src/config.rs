@@ -52,6 +52,7 @@ pub struct ShipFile {
     pub primary: Option<String>,
     pub receiver: Option<String>,
     pub interval: Option<Dur>,
+    pub wake: Option<crate::ship::wake::WakeMode>,
     pub ack_timeout: Option<Dur>,
     pub slot: Option<String>,
     pub no_slot: Option<bool>,

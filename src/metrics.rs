@@ -62,6 +62,8 @@ pub struct ShipMetrics {
     pub acks: Counter,
     pub reconnects: Counter,
     pub auth_failures: Counter,
+    pub wakeups: Counter,
+    pub polls: Counter,
     pub primary_flush_lsn: Gauge,
     pub shipped_lsn: Gauge,
     pub durable_lsn: Gauge,
@@ -105,6 +107,16 @@ impl ShipMetrics {
             "reconnects",
             "times the receiver connection was lost and retried",
             self.reconnects.clone(),
+        );
+        r.register(
+            "wakeups",
+            "writes into pg_wal's segments that woke the shipper (inotify)",
+            self.wakeups.clone(),
+        );
+        r.register(
+            "polls",
+            "flush positions asked of the primary",
+            self.polls.clone(),
         );
         r.register(
             "auth_failures",

@@ -43,7 +43,7 @@ fn free_addr() -> String {
 fn sample_configs_load_and_bad_keys_are_named() {
     let dir = repo_dir().join("docs/config");
     let ship: config::ShipFile = config::load(&dir.join("ship.toml")).unwrap();
-    assert_eq!(ship.interval, Some(Dur(Duration::from_millis(10))));
+    assert_eq!(ship.interval, Some(Dur(Duration::from_millis(250))));
     assert_eq!(ship.metrics_addr.as_deref(), Some("127.0.0.1:9187"));
     assert_eq!(ship.slot.as_deref(), Some("waltail"));
     let rx: config::ReceiveFile = config::load(&dir.join("receive.toml")).unwrap();

@@ -16,3 +16,4 @@ mod safety;
 mod soak;
 mod standby;
 mod stream;
+mod wake;

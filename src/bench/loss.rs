@@ -49,7 +49,7 @@ pub struct Trial {
     pub standby_end: Lsn,
     pub lost_bytes: u64,
     pub lost_commits: u64,
-    /// The WAL the load wrote in one shipping interval (waltail only).
+    /// The WAL the load wrote in one poll interval (waltail polling only).
     pub interval_bytes: Option<u64>,
 }
 
@@ -72,7 +72,7 @@ pub struct LossSummary {
     pub median_bytes: u64,
     pub max_commits: u64,
     pub median_commits: u64,
-    /// Trials that lost at most one interval's worth of WAL (waltail only).
+    /// Trials that lost at most one interval's worth of WAL (waltail polling only).
     pub within_one_interval: Option<usize>,
     pub failover_check: Option<FailoverCheck>,
 }
@@ -195,9 +195,10 @@ pub(super) async fn trials(r: &mut Rig, n: usize, seed: u64) -> Result<LossSumma
         let wal = primary_end.bytes_since(start).unwrap_or(0);
         let wal_mb_s = wal as f64 / f64::from(1u32 << 20) / (load_ms as f64 / 1000.0);
         let interval_bytes = match r.method {
-            Method::Waltail { interval_ms } => {
-                Some((wal as f64 * interval_ms as f64 / load_ms as f64) as u64)
-            }
+            Method::Waltail {
+                interval_ms,
+                events: false,
+            } => Some((wal as f64 * interval_ms as f64 / load_ms as f64) as u64),
             _ => None,
         };
         let t = Trial {
@@ -251,7 +252,7 @@ pub(super) async fn trials(r: &mut Rig, n: usize, seed: u64) -> Result<LossSumma
     bytes.sort_unstable();
     commits.sort_unstable();
     let within = match r.method {
-        Method::Waltail { .. } => Some(
+        Method::Waltail { events: false, .. } => Some(
             out.iter()
                 .filter(|t| t.lost_bytes <= t.interval_bytes.unwrap_or(0))
                 .count(),

@@ -162,6 +162,36 @@ pub async fn flush_point(c: &Client, stmt: &tokio_postgres::Statement) -> Result
     })
 }
 
+/// The poll with the server's insert position as well:
+/// `pg_current_wal_insert_lsn()` is where WAL records have been inserted
+/// into the WAL buffers; ahead of the flush position, WAL is on its way to
+/// disk (being written and fdatasynced, or waiting for the walwriter). The
+/// write position would not do: XLogWrite (PostgreSQL 15 at least) publishes it together
+/// with the flush position, after the fdatasync. The flush position is read
+/// first, so the insert position is never behind it.
+pub const WAL_POINT_SQL: &str =
+    "SELECT l::text, n.file_name, n.file_offset, pg_current_wal_insert_lsn()::text
+       FROM pg_current_wal_flush_lsn() l, pg_walfile_name_offset(l) n";
+
+/// Polls the flush point and the insert position with a statement prepared
+/// once ([`WAL_POINT_SQL`]).
+pub async fn wal_point(c: &Client, stmt: &tokio_postgres::Statement) -> Result<(FlushPoint, Lsn)> {
+    let row = c
+        .query_one(stmt, &[])
+        .await
+        .context("polling pg_walfile_name_offset(pg_current_wal_flush_lsn())")?;
+    let lsn: String = row.get(0);
+    let off: i32 = row.get(2);
+    let inserted: String = row.get(3);
+    let fp = FlushPoint {
+        lsn: lsn.parse()?,
+        file_name: row.get(1),
+        file_offset: off.max(0) as u64,
+    };
+    let inserted: Lsn = inserted.parse()?;
+    Ok((fp.clone(), inserted.max(fp.lsn)))
+}
+
 pub async fn current_lsn(c: &Client) -> Result<Lsn> {
     let row = c
         .query_one("SELECT pg_current_wal_lsn()::text", &[])

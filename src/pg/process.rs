@@ -91,6 +91,18 @@ pub fn start_pair(
     interval: Duration,
     run_as: Option<RunAs>,
 ) -> Result<Pair> {
+    let iv = format!("{}ms", interval.as_millis().max(1));
+    start_pair_with(exe, primary_conninfo, work, &["--interval", &iv], run_as)
+}
+
+/// As [`start_pair`], with `ship_flags` for the shipper instead of an interval.
+pub fn start_pair_with(
+    exe: &Path,
+    primary_conninfo: &str,
+    work: &Path,
+    ship_flags: &[&str],
+    run_as: Option<RunAs>,
+) -> Result<Pair> {
     let secret = work.join("secret");
     let mut s = [0u8; 24];
     getrandom::getrandom(&mut s).map_err(|e| anyhow::anyhow!("random: {e}"))?;
@@ -119,8 +131,7 @@ pub fn start_pair(
         std::net::TcpStream::connect(&addr).is_ok()
     })
     .context("waltail receive did not start listening")?;
-    let iv = format!("{}ms", interval.as_millis().max(1));
-    let ship_args = owned(&[
+    let mut ship_args = owned(&[
         "ship",
         "--primary",
         primary_conninfo,
@@ -128,9 +139,8 @@ pub fn start_pair(
         &addr,
         "--secret-file",
         &sec,
-        "--interval",
-        &iv,
     ]);
+    ship_args.extend(owned(ship_flags));
     let ship = spawn_logged(exe, &ship_args, &work.join("ship.log"), run_as)?;
     let pos = spool.join("position");
     wait_until(Duration::from_secs(30), || pos.exists()).context("no WAL reached the spool")?;

@@ -11,8 +11,13 @@
 //! served at once, so idle or hostile clients cannot exhaust the receiver.
 //!
 //! Acks report only what is fsynced. A burst of frames (a catch-up) is
-//! written on and synced once when the stream pauses, after 16 MB or after
-//! 4 ms, whichever comes first; a lone range is synced and acked at once.
+//! written on and a sync started when the stream pauses, after 16 MB or
+//! after 4 ms, whichever comes first; a lone range is synced and acked at
+//! once. The fdatasync runs on a blocking thread on a duplicate of the
+//! partial's descriptor while the receiver reads and writes the next burst
+//! (at most one sync at a time; what arrived meanwhile is synced as soon as
+//! it returns). Its ack, and the recorded durable position, cover only what
+//! was written when that sync began.
 //! On a write error (a full disk, a failed
 //! fsync) the receiver logs the reason, acks nothing more, drops what was not
 //! durable and closes the connection; the shipper reconnects and resumes at
@@ -33,9 +38,9 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::proto::conn::{server_auth, HANDSHAKE_TIMEOUT};
 use crate::proto::tls::TlsOptions;
 use crate::proto::{BoxIo, Frame, FrameReader, FrameWriter, Hello, ProtoError, RefuseCode, Secret};
-use crate::spool::writer::SpoolWriter;
+use crate::spool::writer::{PendingSync, SpoolWriter};
 use crate::spool::{now_ms, ReceiverState, ReceiverStatus, Spool, SpoolMeta, RECEIVER_LOCK};
-use crate::wal::{SegmentSize, TimelineId};
+use crate::wal::{Lsn, SegmentSize, TimelineId};
 
 #[derive(Clone, Debug)]
 pub struct ReceiveConfig {
@@ -470,19 +475,48 @@ where
     let mut held: Option<nix::fcntl::Flock<std::fs::File>> = None;
     let mut last_status = 0u64;
     let mut bytes_written = 0u64;
-    // Written but not yet synced: since when, and how much.
+    // Written but no sync started for it yet: since when, and how much.
     let mut unsynced: Option<Instant> = None;
     let mut unsynced_bytes = 0usize;
+    // The sync under way, if any: at most one, beside the reads.
+    let mut inflight: Option<SyncTask> = None;
     loop {
         let idle = shared.limits().idle_timeout;
-        // While more of a burst is arriving, keep writing and sync once;
-        // when the stream pauses, sync and ack at once.
+        // While more of a burst is arriving, keep writing; a sync starts
+        // when the stream pauses or the burst is big or old enough, and runs
+        // while the next burst is read. Its ack goes out when it returns.
         let wait = if unsynced.is_some() { SYNC_DELAY } else { idle };
-        let frame = match tokio::time::timeout(wait, r.read_frame()).await {
+        let read = tokio::select! {
+            biased;
+            done = async { match inflight.as_mut() { Some(t) => t.await, None => std::future::pending().await } } => {
+                inflight = None;
+                let (pending, res) = done.context("the fdatasync task")?;
+                let durable = writer
+                    .synced(pending, res)
+                    .context("making received WAL durable")?;
+                ack(shared, w, writer, durable).await?;
+                // What arrived during the sync is synced next, at once.
+                if unsynced.take().is_some() {
+                    unsynced_bytes = 0;
+                    inflight = start_sync(shared, w, writer).await?;
+                }
+                if inflight.is_none() {
+                    release(&mut held, &mut lock_file)?;
+                }
+                continue;
+            }
+            read = tokio::time::timeout(wait, r.read_frame()) => read,
+        };
+        let frame = match read {
             Err(_) if unsynced.is_some() => {
-                sync_and_ack(shared, w, writer, &mut held, &mut lock_file).await?;
-                unsynced = None;
-                unsynced_bytes = 0;
+                if inflight.is_none() {
+                    unsynced = None;
+                    unsynced_bytes = 0;
+                    inflight = start_sync(shared, w, writer).await?;
+                    if inflight.is_none() {
+                        release(&mut held, &mut lock_file)?;
+                    }
+                }
                 continue;
             }
             Err(_) => bail!("no frame for {idle:?}: closing an idle connection"),
@@ -552,32 +586,66 @@ where
         // Whether the sender is in the middle of a burst: bytes of the next
         // frame are here already, or arrive without waiting.
         let more = r.buffered() > 0 || r.read_ready().await?;
-        if !more || unsynced_bytes >= SYNC_BYTES || first.elapsed() >= SYNC_DELAY {
-            sync_and_ack(shared, w, writer, &mut held, &mut lock_file).await?;
+        if inflight.is_none()
+            && (!more || unsynced_bytes >= SYNC_BYTES || first.elapsed() >= SYNC_DELAY)
+        {
             unsynced = None;
             unsynced_bytes = 0;
+            inflight = start_sync(shared, w, writer).await?;
+            if inflight.is_none() {
+                release(&mut held, &mut lock_file)?;
+            }
         }
     }
 }
 
-/// Makes what was written durable, releases the write lock and acks.
-async fn sync_and_ack<W: tokio::io::AsyncWrite + Unpin>(
+/// An fdatasync running on a blocking thread, with what it covers.
+type SyncTask = tokio::task::JoinHandle<(PendingSync, std::io::Result<()>)>;
+
+/// Starts syncing what is written, beside the reads; when everything
+/// written is durable already (a completed segment was synced as it was
+/// renamed), acks at once and returns None.
+async fn start_sync<W: tokio::io::AsyncWrite + Unpin>(
     shared: &Shared,
     w: &mut FrameWriter<W>,
     writer: &mut SpoolWriter,
+) -> anyhow::Result<Option<SyncTask>> {
+    match writer.begin_sync().context("making received WAL durable")? {
+        Some(p) => Ok(Some(tokio::task::spawn_blocking(move || {
+            let r = crate::metrics::receive().time_fsync(|| p.run());
+            (p, r)
+        }))),
+        None => {
+            if let Some((_, durable)) = writer.durable() {
+                ack(shared, w, writer, durable).await?;
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Releases the write lock (nothing written is waiting for a sync).
+fn release(
     held: &mut Option<nix::fcntl::Flock<std::fs::File>>,
     lock_file: &mut Option<std::fs::File>,
 ) -> anyhow::Result<()> {
-    let Some(h) = held.take() else {
-        return Ok(());
-    };
+    if let Some(h) = held.take() {
+        let f = h
+            .unlock()
+            .map_err(|(_, e)| anyhow::anyhow!("unlocking: {e}"))?;
+        *lock_file = Some(f);
+    }
+    Ok(())
+}
+
+/// Acks `durable`, which a returned fdatasync covers.
+async fn ack<W: tokio::io::AsyncWrite + Unpin>(
+    shared: &Shared,
+    w: &mut FrameWriter<W>,
+    writer: &SpoolWriter,
+    durable: Lsn,
+) -> anyhow::Result<()> {
     let m = crate::metrics::receive();
-    let durable = tokio::task::block_in_place(|| m.time_fsync(|| writer.sync()));
-    let f = h
-        .unlock()
-        .map_err(|(_, e)| anyhow::anyhow!("unlocking: {e}"))?;
-    *lock_file = Some(f);
-    let durable = durable.context("making received WAL durable")?;
     let tli = writer.durable().map(|d| d.0).unwrap_or(TimelineId(1));
     w.send(&Frame::Ack { tli, durable }).await?;
     m.acks.inc();

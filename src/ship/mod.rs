@@ -1,8 +1,25 @@
 //! `waltail ship`: the sidecar on the primary host that sends flushed WAL to
 //! a receiver as it is written.
 //!
-//! Every `interval` it polls `pg_walfile_name_offset(pg_current_wal_flush_lsn())`
-//! and sends the bytes from the last position to the flush LSN, read out of
+//! **When it looks.** An inotify watch on pg_wal ([`wake`]) wakes the shipper
+//! the moment PostgreSQL writes into a segment; it then asks for
+//! `pg_walfile_name_offset(pg_current_wal_flush_lsn())` together with the
+//! insert position `pg_current_wal_insert_lsn()`. PostgreSQL writes WAL
+//! before it fdatasyncs it, so while the insert position is ahead of the
+//! flush position the shipper looks again at once (8 round trips), then every
+//! millisecond, then with backoff up to the interval ([`poll::Chase`]); under
+//! load, when WAL is always on its way, that is at most about one look a
+//! millisecond. Beside the events a fixed poll every
+//! `interval` (default 250 ms) keeps running: the safety net for events that
+//! never came (a full inotify queue, a watch that failed) and the shipper's
+//! heartbeat; `--wake poll` turns the events off and leaves only it. Why not
+//! a replication connection as the wake-up: its walsender would stream the
+//! WAL bytes a second time to a process that already reads them from
+//! pg_wal, and tokio-postgres has no replication protocol; the watch costs
+//! nothing while the server is idle.
+//!
+//! **What it sends.** Only WAL at or below the flush position, whatever woke
+//! it: the bytes from the last position to the flush LSN, read out of
 //! the memory-mapped segment in pg_wal ([`source`]). Segments are finished to
 //! their very end, padding included, before the next one starts, however many
 //! passed between two polls. The segment is computed from the LSN itself, so
@@ -24,7 +41,9 @@
 //! before it was shipped, another cluster, or a refusal by the receiver
 //! (fenced, wrong cluster) stops the shipper with an error that says what to do.
 
+pub mod poll;
 pub mod source;
+pub mod wake;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,7 +55,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::pg::client::{connect, flush_point, server_info, FlushPoint, ServerInfo};
+use crate::pg::client::{connect, server_info, wal_point, FlushPoint, ServerInfo};
 use crate::proto::conn::{client_auth, HANDSHAKE_TIMEOUT};
 use crate::proto::tls::TlsOptions;
 use crate::proto::{
@@ -45,8 +64,14 @@ use crate::proto::{
 use crate::spool::now_us;
 use crate::wal::history::{parse_history, switchpoint_of};
 use crate::wal::segment::history_file_name;
-use crate::wal::{Lsn, SegmentName, SegmentSize, TimelineId};
+use crate::wal::{Lsn, SegmentName, TimelineId};
+pub use poll::check_name_quirk;
+use poll::{Backoff, Chase};
 use source::WalSource;
+use wake::{Wake, WakeMode};
+
+/// The fixed poll's default: the safety net beside the write events.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Clone, Debug)]
 pub struct ShipConfig {
@@ -56,7 +81,10 @@ pub struct ShipConfig {
     pub receiver: String,
     pub secret: Secret,
     pub tls: TlsOptions,
+    /// The fixed poll: beside the write events, or alone with `WakeMode::Poll`.
     pub interval: Duration,
+    /// How the shipper learns of new WAL between polls.
+    pub wake: WakeMode,
     /// Heartbeat at least this often while idle.
     pub heartbeat: Duration,
     /// Reconnect when sent WAL goes unacknowledged this long, or a send
@@ -90,7 +118,8 @@ impl ShipConfig {
             receiver: receiver.into(),
             secret,
             tls: TlsOptions::default(),
-            interval: Duration::from_millis(10),
+            interval: DEFAULT_INTERVAL,
+            wake: WakeMode::Inotify,
             heartbeat: Duration::from_millis(100),
             ack_timeout: Duration::from_secs(30),
             slot: Some("waltail".into()),
@@ -129,6 +158,7 @@ struct Primary {
     info: ServerInfo,
     source: WalSource,
     pg_wal: PathBuf,
+    wake: Wake,
 }
 
 struct Session {
@@ -218,23 +248,40 @@ pub async fn run(
     let m = crate::metrics::ship();
     m.interval_seconds.set(cfg.interval.as_secs_f64());
 
+    let mut chase = Chase::default();
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-            Ok(()) = async { match reload.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
-                let every = *reload.as_mut().expect("changed above").borrow_and_update();
-                if every != tick.period() {
-                    info!("poll interval now {}", humantime::format_duration(every));
-                    tick = tokio::time::interval(every);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    m.interval_seconds.set(every.as_secs_f64());
+        let chase_due = chase.due();
+        // A look due now is taken without the timer, which rounds every
+        // deadline up to its next millisecond tick.
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let due_now = chase_due.is_some_and(|t| t <= Instant::now());
+        if !due_now {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+                () = async { match primary.as_mut() { Some(p) => p.wake.wait().await, None => std::future::pending().await } } => {
+                    if !chase.woken() {
+                        continue;
+                    }
                 }
-                continue;
+                () = async { match chase_due { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {}
+                Ok(()) = async { match reload.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
+                    let every = *reload.as_mut().expect("changed above").borrow_and_update();
+                    if every != tick.period() {
+                        info!("poll interval now {}", humantime::format_duration(every));
+                        tick = tokio::time::interval(every);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        m.interval_seconds.set(every.as_secs_f64());
+                    }
+                    continue;
+                }
             }
         }
         // The primary.
         if primary.is_none() {
+            chase.reset();
             if !pg_backoff.due() {
                 continue;
             }
@@ -265,8 +312,12 @@ pub async fn run(
             }
         }
         let p = primary.as_mut().expect("connected above");
-        let fp = match flush_point(&p.client, &p.poll).await {
-            Ok(fp) => fp,
+        m.polls.inc();
+        let fp = match wal_point(&p.client, &p.poll).await {
+            Ok((fp, inserted)) => {
+                chase.looked(inserted, fp.lsn, tick.period());
+                fp
+            }
             Err(e) => {
                 let wait = pg_backoff.fail();
                 warn!("lost the primary ({e:#}); reconnecting in {wait:?}");
@@ -436,8 +487,9 @@ async fn open_primary(cfg: &ShipConfig) -> Result<Primary, Fault> {
         )));
     }
     let source = WalSource::new(pg_wal.clone(), info.seg_size, info.sysid);
+    let wake = Wake::watch(cfg.wake, &pg_wal);
     let poll = client
-        .prepare(crate::pg::client::FLUSH_POINT_SQL)
+        .prepare(crate::pg::client::WAL_POINT_SQL)
         .await
         .map_err(|e| Fault::Pg(e.into()))?;
     Ok(Primary {
@@ -446,6 +498,7 @@ async fn open_primary(cfg: &ShipConfig) -> Result<Primary, Fault> {
         info,
         source,
         pg_wal,
+        wake,
     })
 }
 
@@ -708,91 +761,4 @@ async fn ship_once(
         s.last_heartbeat = Instant::now();
     }
     Ok(())
-}
-
-/// Cross-checks `pg_walfile_name_offset` against our own segment math and
-/// logs a disagreement (13-16: an LSN on a boundary is named after the
-/// previous segment with offset 0; 17+: after the new segment).
-pub fn check_name_quirk(fp: &FlushPoint, seg_size: SegmentSize, major: u32) -> bool {
-    let expected = if fp.file_offset == 0 && major < 17 {
-        fp.lsn.prev_segment_number(seg_size)
-    } else {
-        fp.lsn.segment_number(seg_size)
-    };
-    let tli = fp.timeline(seg_size).unwrap_or(TimelineId(1));
-    let name = SegmentName::new(tli, expected).file_name(seg_size);
-    if name != fp.file_name {
-        warn!(lsn = %fp.lsn, file = %fp.file_name, expected = %name, "pg_walfile_name_offset names an unexpected segment");
-        return false;
-    }
-    true
-}
-
-/// Exponential backoff from 100 ms up to a maximum.
-struct Backoff {
-    failures: u32,
-    until: Instant,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Backoff {
-            failures: 0,
-            until: Instant::now(),
-            max,
-        }
-    }
-    fn due(&self) -> bool {
-        Instant::now() >= self.until
-    }
-    fn fail(&mut self) -> Duration {
-        self.failures += 1;
-        let d =
-            Duration::from_millis(100u64.saturating_mul(1 << self.failures.min(10))).min(self.max);
-        self.until = Instant::now() + d;
-        d
-    }
-    fn reset(&mut self) {
-        self.failures = 0;
-        self.until = Instant::now();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn boundary_quirk_is_understood_for_both_behaviours() {
-        let s16 = SegmentSize::DEFAULT;
-        let on_boundary = |name: &str| FlushPoint {
-            lsn: "0/3000000".parse().unwrap(),
-            file_name: name.into(),
-            file_offset: 0,
-        };
-        // 13-16: the previous segment.
-        assert!(check_name_quirk(
-            &on_boundary("000000010000000000000002"),
-            s16,
-            15
-        ));
-        assert!(!check_name_quirk(
-            &on_boundary("000000010000000000000003"),
-            s16,
-            15
-        ));
-        // 17+: the new segment.
-        assert!(check_name_quirk(
-            &on_boundary("000000010000000000000003"),
-            s16,
-            17
-        ));
-        let mid = FlushPoint {
-            lsn: "0/3000028".parse().unwrap(),
-            file_name: "000000010000000000000003".into(),
-            file_offset: 0x28,
-        };
-        assert!(check_name_quirk(&mid, s16, 15));
-    }
 }

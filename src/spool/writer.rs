@@ -24,6 +24,25 @@ struct Open {
     dirty: bool,
 }
 
+/// A sync under way (see [`SpoolWriter::begin_sync`]).
+pub struct PendingSync {
+    pub tli: TimelineId,
+    /// The written position when the sync began: durable once it returns.
+    pub covers: Lsn,
+    /// What to fdatasync; None: the bytes up to `covers` are already synced.
+    pub file: Option<File>,
+}
+
+impl PendingSync {
+    /// The fdatasync itself (blocking: run it on a blocking thread).
+    pub fn run(&self) -> std::io::Result<()> {
+        match &self.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
 pub struct SpoolWriter {
     spool: Spool,
     seg_size: SegmentSize,
@@ -286,6 +305,64 @@ impl SpoolWriter {
         Ok(self.durable)
     }
 
+    /// Starts a sync that runs beside the writer (the receiver reads and
+    /// writes the next burst meanwhile): the position it will cover, and a
+    /// duplicate of the open partial's descriptor to fdatasync (None when
+    /// nothing written since is only in the page cache). None when all that
+    /// is written is durable. Hand the result to [`SpoolWriter::synced`].
+    pub fn begin_sync(&mut self) -> Result<Option<PendingSync>> {
+        let Some(tli) = self.tli else {
+            return Ok(None);
+        };
+        if self.written == self.durable {
+            return Ok(None);
+        }
+        // `dirty` stays set until the sync has returned (see `synced`), so
+        // a plain `sync` meanwhile still syncs.
+        let mut file = None;
+        if let Some(o) = &self.cur {
+            if o.dirty {
+                file = Some(o.file.try_clone().map_err(|e| self.spool.io(e))?);
+            }
+        }
+        Ok(Some(PendingSync {
+            tli,
+            covers: self.written,
+            file,
+        }))
+    }
+
+    /// A sync from [`SpoolWriter::begin_sync`] returned `r`: on success the
+    /// durable position moves up to what it covered (never back, and not at
+    /// all if the timeline changed meanwhile) and is recorded; on failure
+    /// everything not durable is forgotten, as after any I/O error.
+    pub fn synced(&mut self, done: PendingSync, r: std::io::Result<()>) -> Result<Lsn> {
+        fail::fail_point!("spool-sync", |_| {
+            self.lose_unsynced();
+            let e = self.spool.io(std::io::Error::from_raw_os_error(libc::EIO));
+            self.reset_to_durable();
+            Err(e)
+        });
+        if let Err(e) = r {
+            let e = self.spool.io(e);
+            self.reset_to_durable();
+            return Err(e);
+        }
+        if self.tli == Some(done.tli) && done.covers > self.durable && done.covers <= self.written {
+            // The position is fsynced before anything may ack it.
+            if let Err(e) = self.advance_durable(done.covers) {
+                self.reset_to_durable();
+                return Err(e);
+            }
+            if self.durable == self.written {
+                if let Some(o) = &mut self.cur {
+                    o.dirty = false;
+                }
+            }
+        }
+        Ok(self.durable)
+    }
+
     /// Zeroes what was written after the durable position in the open
     /// partial: what a failed fsync may leave of it (fault injection only).
     #[cfg(feature = "failpoints")]
@@ -424,5 +501,29 @@ mod tests {
         let old = fs::read(sp.path("000000010000000000000000.partial")).unwrap();
         assert_eq!(&old[..5000], &[7u8; 5000][..]);
         assert_eq!(sp.position().unwrap(), Some((TimelineId(2), Lsn(4100))));
+    }
+
+    #[test]
+    fn a_sync_beside_the_writer_makes_durable_only_what_was_written_when_it_began() {
+        let d = tempfile::tempdir().unwrap();
+        let sp = Spool::create(d.path()).unwrap();
+        let mut w = SpoolWriter::open(sp.clone(), s1()).unwrap();
+        w.start_at(TimelineId(1), Lsn(0)).unwrap();
+        w.write(TimelineId(1), Lsn(0), &[1u8; 3000]).unwrap();
+        let p = w.begin_sync().unwrap().expect("bytes to sync");
+        assert_eq!(p.covers, Lsn(3000));
+        // More arrives while the sync runs.
+        w.write(TimelineId(1), Lsn(3000), &[2u8; 500]).unwrap();
+        let r = p.run();
+        assert_eq!(w.synced(p, r).unwrap(), Lsn(3000));
+        assert_eq!(sp.position().unwrap(), Some((TimelineId(1), Lsn(3000))));
+        assert_eq!(w.written(), Some((TimelineId(1), Lsn(3500))));
+        // A failed sync forgets what was not durable.
+        let p = w.begin_sync().unwrap().expect("bytes to sync");
+        let e = std::io::Error::from_raw_os_error(libc::EIO);
+        assert!(w.synced(p, Err(e)).is_err());
+        assert_eq!(w.written(), Some((TimelineId(1), Lsn(3000))));
+        assert_eq!(w.durable(), Some((TimelineId(1), Lsn(3000))));
+        assert!(w.begin_sync().unwrap().is_none(), "nothing left to sync");
     }
 }

@@ -430,6 +430,18 @@ pub fn start_shipper(
     secret: &Path,
     extra: &[&str],
 ) -> Daemon {
+    start_shipper_env(w, c, addr, secret, extra, &[])
+}
+
+/// As [`start_shipper`], with extra environment variables (`FAILPOINTS`).
+pub fn start_shipper_env(
+    w: &Workdir,
+    c: &Cluster,
+    addr: &str,
+    secret: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Daemon {
     let mut args: Vec<String> = vec![
         "ship".into(),
         "--primary".into(),
@@ -441,7 +453,7 @@ pub fn start_shipper(
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let n = std::fs::read_dir(w.dir.path()).unwrap().count();
-    Daemon::start("ship", &args, w.path(&format!("ship-{n}.log")))
+    Daemon::start_env("ship", &args, w.path(&format!("ship-{n}.log")), env)
 }
 
 /// The spool's durable position.
