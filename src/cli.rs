@@ -170,6 +170,10 @@ pub enum Command {
         /// recovery.signal style: wait until the segment is complete, or a failover ends the wait.
         #[arg(long)]
         wait: bool,
+        /// stream style: serve complete segments only, never the growing `.partial`
+        /// (the standby streams that from `receive --serve`).
+        #[arg(long, conflicts_with = "wait")]
+        no_partial: bool,
         /// How often --wait looks again.
         #[arg(long, default_value = "100ms", value_parser = parse_duration)]
         poll: Duration,
@@ -285,6 +289,16 @@ pub enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Print a SCRAM-SHA-256 verifier for a password, for `receive --serve-verifier-file`.
+    #[command(
+        name = "scram-verifier",
+        after_help = "Example:\n  waltail scram-verifier --password-file /etc/waltail/standby-password > /etc/waltail/serve-verifier\n  echo 'my password' | waltail scram-verifier\n\nThe password is the first line of the file (or of stdin). The verifier has the format of\npg_authid.rolpassword; it holds no password.\nExit codes: 0 printed, 2 no password."
+    )]
+    ScramVerifier {
+        /// File whose first line is the password (default: stdin).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
     /// Make a standby data directory fed from the spool (base backup + recovery settings).
     #[command(
         name = "init-standby",
@@ -307,6 +321,21 @@ pub enum Command {
         /// the primary's version is installed, else copy.
         #[arg(long, value_enum, default_value = "auto")]
         method: crate::standby::Method,
+        /// stream style: HOST:PORT of `waltail receive --serve`, as the standby reaches it.
+        #[arg(long)]
+        serve: Option<String>,
+        /// stream style: the user of `receive --serve-user`.
+        #[arg(long, default_value = "waltail")]
+        serve_user: String,
+        /// stream style: file whose first line is the password (written into primary_conninfo).
+        #[arg(long)]
+        serve_password_file: Option<PathBuf>,
+        /// stream style: libpq sslmode of primary_conninfo.
+        #[arg(long, default_value = "prefer")]
+        sslmode: String,
+        /// stream style: application_name of the standby's walreceiver.
+        #[arg(long, default_value = "waltail-standby")]
+        application_name: String,
     },
 }
 
@@ -383,8 +412,26 @@ pub struct ReceiveArgs {
     /// Serve Prometheus metrics on this address (GET /metrics), like 127.0.0.1:9188.
     #[arg(long, env = "WALTAIL_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Also serve the spool to standbys over PostgreSQL's streaming
+    /// replication protocol on this address (their primary_conninfo points here).
+    #[arg(long, env = "WALTAIL_SERVE")]
+    pub serve: Option<String>,
+    /// File holding the SCRAM-SHA-256 verifier standbys authenticate against
+    /// (`waltail scram-verifier` makes one). Required unless --serve is loopback.
+    #[arg(long, env = "WALTAIL_SERVE_VERIFIER_FILE")]
+    pub serve_verifier_file: Option<PathBuf>,
+    /// The user name standbys connect as.
+    #[arg(long, default_value = "waltail")]
+    pub serve_user: String,
     #[command(flatten)]
     pub auth: AuthArgs,
+}
+
+/// Reads a verifier file (one line, `SCRAM-SHA-256$...`).
+fn read_verifier(p: &std::path::Path) -> Result<crate::serve::auth::Verifier, String> {
+    let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    text.parse()
+        .map_err(|e: String| format!("{}: {e}", p.display()))
 }
 
 /// Runs the command line; the binary's `main` is only this.
@@ -683,6 +730,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             dest,
             mut spool,
             mut wait,
+            no_partial,
             mut poll,
             mut max_wait,
         } => {
@@ -703,6 +751,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 dest,
                 spool,
                 wait,
+                no_partial,
                 poll,
                 max_wait,
             };
@@ -877,27 +926,64 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             style,
             retry_interval,
             method,
-        } => match runtime().0.block_on(crate::standby::init_standby(
-            &std::env::current_exe().unwrap_or_else(|_| "waltail".into()),
-            &primary,
-            &pgdata,
-            &spool,
-            style,
-            retry_interval,
-            method,
-        )) {
-            Ok(made) => {
-                println!(
+            serve,
+            serve_user,
+            serve_password_file,
+            sslmode,
+            application_name,
+        } => {
+            let target = match &serve {
+                None => None,
+                Some(addr) => {
+                    let (host, port) = match crate::standby::StreamTarget::parse_addr(addr) {
+                        Ok(x) => x,
+                        Err(e) => return bad_input("init-standby", format!("--serve: {e}")),
+                    };
+                    let password = match &serve_password_file {
+                        None => None,
+                        Some(p) => match std::fs::read_to_string(p) {
+                            Ok(t) => Some(t.lines().next().unwrap_or("").to_string()),
+                            Err(e) => {
+                                return bad_input("init-standby", format!("{}: {e}", p.display()))
+                            }
+                        },
+                    };
+                    Some(crate::standby::StreamTarget {
+                        host,
+                        port,
+                        user: serve_user,
+                        password,
+                        sslmode,
+                        application_name,
+                    })
+                }
+            };
+            if style == crate::standby::Style::Stream && target.is_none() {
+                return bad_input("init-standby", "--style stream needs --serve HOST:PORT (the address of `waltail receive --serve`)");
+            }
+            match runtime().0.block_on(crate::standby::init_standby_with(
+                &std::env::current_exe().unwrap_or_else(|_| "waltail".into()),
+                &primary,
+                &pgdata,
+                &spool,
+                style,
+                retry_interval,
+                method,
+                target.as_ref(),
+            )) {
+                Ok(made) => {
+                    println!(
                     "standby data directory ready in {} ({} style; {}); start it with pg_ctl -D {} start",
                     made.pgdata.display(),
                     style.signal_file(),
                     made.how,
                     made.pgdata.display()
                 );
-                EXIT_OK
+                    EXIT_OK
+                }
+                Err(e) => failed("init-standby", &e),
             }
-            Err(e) => failed("init-standby", &e),
-        },
+        }
         Command::Demo {
             seconds,
             style,
@@ -1005,6 +1091,26 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             };
             let mut cfg = crate::receive::ReceiveConfig::new(&listen, spool, secret);
             cfg.tls = a.auth.tls();
+            if let Some(addr) = &a.serve {
+                let verifier = match a.serve_verifier_file.as_deref().map(read_verifier) {
+                    None => None,
+                    Some(Ok(v)) => Some(v),
+                    Some(Err(e)) => return bad_input("receive", e),
+                };
+                let tls = match cfg.tls.acceptor() {
+                    Ok(t) => t,
+                    Err(e) => return bad_input("receive", e),
+                };
+                cfg.serve = Some(crate::serve::ServeConfig {
+                    listen: addr.clone(),
+                    verifier,
+                    user: a.serve_user.clone(),
+                    tls,
+                    max_connections: 8,
+                });
+            } else if a.serve_verifier_file.is_some() {
+                return bad_input("receive", "--serve-verifier-file needs --serve ADDR");
+            }
             cfg.idle_timeout = a.idle_timeout;
             cfg.max_connections = a.max_connections.max(1);
             let limits = crate::receive::ReceiveLimits {
@@ -1047,6 +1153,27 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 Ok(()) => EXIT_OK,
                 Err(e) => failed("receive", &e),
             }
+        }
+        Command::ScramVerifier { password_file } => {
+            let text = match &password_file {
+                Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display())),
+                None => {
+                    let mut l = String::new();
+                    std::io::stdin()
+                        .read_line(&mut l)
+                        .map(|_| l)
+                        .map_err(|e| format!("stdin: {e}"))
+                }
+            };
+            let pw = match text {
+                Ok(t) => t.lines().next().unwrap_or("").to_string(),
+                Err(e) => return bad_input("scram-verifier", e),
+            };
+            if pw.is_empty() {
+                return bad_input("scram-verifier", "the password is empty");
+            }
+            println!("{}", crate::serve::auth::make_verifier(&pw));
+            EXIT_OK
         }
         Command::Inspect { file, json } => match crate::inspect::inspect(&file) {
             Ok(report) => {

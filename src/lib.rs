@@ -7,7 +7,8 @@
 //! * [`cli`]: command-line parsing and exit codes;
 //! * [`config`]: the roles' TOML config files;
 //! * [`status`]: `waltail status` and `waltail check`;
-//! * [`metrics`]: the Prometheus metrics and their endpoint.
+//! * [`metrics`]: the Prometheus metrics and their endpoint;
+//! * [`serve`]: a walsender for the spool (`receive --serve`).
 
 pub mod bench;
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod pg;
 pub mod proto;
 pub mod receive;
 pub mod restore;
+pub mod serve;
 pub mod ship;
 pub mod spool;
 pub mod standby;

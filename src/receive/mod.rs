@@ -49,6 +49,8 @@ pub struct ReceiveConfig {
     pub max_connections: usize,
     /// New values of the limits on SIGHUP (see [`ReceiveLimits`]).
     pub reload: Option<tokio::sync::watch::Receiver<ReceiveLimits>>,
+    /// Serve the spool to standbys over the replication protocol (`--serve`).
+    pub serve: Option<crate::serve::ServeConfig>,
 }
 
 /// The receiver's settings a SIGHUP can change while it runs.
@@ -68,6 +70,7 @@ impl ReceiveConfig {
             idle_timeout: Duration::from_secs(30),
             max_connections: 8,
             reload: None,
+            serve: None,
         }
     }
 }
@@ -80,6 +83,18 @@ struct Shared {
     writer: Mutex<Option<SpoolWriter>>,
     status: std::sync::Mutex<ReceiverStatus>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The durable position, published after every fdatasync that moved it:
+    /// what `--serve` streams up to, and wakes on.
+    durable: tokio::sync::watch::Sender<Option<(TimelineId, crate::wal::Lsn)>>,
+}
+
+impl Shared {
+    fn publish_durable(&self, d: Option<(TimelineId, crate::wal::Lsn)>) {
+        if d.is_some() {
+            self.durable
+                .send_if_modified(|cur| std::mem::replace(cur, d) != d);
+        }
+    }
 }
 
 impl Shared {
@@ -109,6 +124,7 @@ impl Shared {
 /// A bound receiver, ready to run (bind first so callers learn the port).
 pub struct Receiver {
     listener: TcpListener,
+    serve: Option<crate::serve::Server>,
     shared: Arc<Shared>,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -149,16 +165,26 @@ impl Receiver {
             started_at_ms: now_ms(),
             ..Default::default()
         };
+        let (durable, durable_rx) =
+            tokio::sync::watch::channel(crate::serve::initial_position(&spool));
+        let serve = match &cfg.serve {
+            Some(sc) => {
+                Some(crate::serve::Server::bind(sc.clone(), spool.clone(), durable_rx).await?)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             spool,
             writer: Mutex::new(None),
             status: std::sync::Mutex::new(status),
             tls,
             cfg,
+            durable,
         });
         shared.update_status(|_| {});
         Ok(Receiver {
             listener,
+            serve,
             shared,
             _lock: lock,
         })
@@ -170,8 +196,17 @@ impl Receiver {
             .expect("bound listener has an address")
     }
 
+    /// The `--serve` address, when serving standbys.
+    pub fn serve_addr(&self) -> Option<SocketAddr> {
+        self.serve.as_ref().map(|s| s.local_addr())
+    }
+
     /// Serves until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let serving = self
+            .serve
+            .take()
+            .map(|s| tokio::spawn(s.run(shutdown.clone())));
         info!(listen = %self.local_addr(), spool = %self.shared.spool.dir.display(), "receiver listening");
         let mut max = self.shared.cfg.max_connections;
         let slots = Arc::new(Semaphore::new(max));
@@ -223,6 +258,9 @@ impl Receiver {
             s.state = "stopped".into();
             s.peer = None;
         });
+        if let Some(h) = serving {
+            let _ = h.await;
+        }
         info!("receiver stopped");
         Ok(())
     }
@@ -276,6 +314,7 @@ async fn session(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) -> anyh
     // resumes at the durable position, so the writer does too.
     writer.reset_to_durable();
     let position = writer.durable();
+    shared.publish_durable(position);
     w.send(&Frame::Welcome { position }).await?;
     info!(sysid = hello.sysid, tli = %hello.tli, ?position, "shipper admitted");
     shared.update_status(|s| {
@@ -472,6 +511,7 @@ async fn sync_and_ack<W: tokio::io::AsyncWrite + Unpin>(
     *lock_file = Some(f);
     let durable = durable.context("making received WAL durable")?;
     let tli = writer.durable().map(|d| d.0).unwrap_or(TimelineId(1));
+    shared.publish_durable(writer.durable());
     w.send(&Frame::Ack { tli, durable }).await?;
     m.acks.inc();
     m.observe(None, Some(durable));
