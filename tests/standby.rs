@@ -21,6 +21,8 @@ pub struct Setup {
     pub standby: Cluster,
     /// stream style: the address of `receive --serve`.
     pub serve: Option<String>,
+    /// The receiver's address (for the shipper).
+    pub addr: String,
 }
 
 /// The receiver arguments that serve the spool on `addr` to standbys
@@ -29,7 +31,11 @@ pub struct Setup {
 pub fn serve_args(w: &Workdir, addr: &str) -> Vec<String> {
     let pw = w.secret("serve-password", &format!("{SERVE_PASSWORD}\n"));
     let out = waltail(&["scram-verifier", "--password-file", pw.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let verifier = String::from_utf8(out.stdout).unwrap();
     assert!(verifier.starts_with("SCRAM-SHA-256$4096:"), "{verifier}");
     let vf = w.secret("serve-verifier", &verifier);
@@ -60,7 +66,10 @@ pub fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
     let spool = w.path("spool");
     let serve = (style == "stream")
         .then(|| format!("127.0.0.1:{}", waltail::pg::cluster::free_port().unwrap()));
-    let extra = serve.as_deref().map(|a| serve_args(&w, a)).unwrap_or_default();
+    let extra = serve
+        .as_deref()
+        .map(|a| serve_args(&w, a))
+        .unwrap_or_default();
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let (rx, addr) = start_receiver(&w, &spool, &secret, &extra);
     let tx = start_shipper(&w, &primary, &addr, &secret, &["--interval", "2ms"]);
@@ -130,6 +139,7 @@ pub fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
         spool,
         standby,
         serve,
+        addr,
     }
 }
 

@@ -11,6 +11,7 @@ mod inspect;
 mod netfault;
 mod ops;
 mod protocol;
+mod serve;
 mod soak;
 mod standby;
 mod stream;
