@@ -247,13 +247,13 @@ pub enum Command {
     },
     /// Throwaway primary + standby on this machine: ship, load, kill the primary, fail over, report.
     #[command(
-        after_help = "Example:\n  waltail demo\n  waltail demo --style recovery --seconds 8\n\nNeeds PostgreSQL installed (WALTAIL_PG_BIN to pick one); run as root, the servers run as `postgres`.\nExit codes: 0 the promoted standby holds a gap-free prefix of the acknowledged commits, 1 it does not, or the demo failed."
+        after_help = "Example:\n  waltail demo\n  waltail demo --style standby --seconds 8\n\nNeeds PostgreSQL installed (WALTAIL_PG_BIN to pick one); run as root, the servers run as `postgres`.\nExit codes: 0 the promoted standby holds a gap-free prefix of the acknowledged commits, 1 it does not, or the demo failed."
     )]
     Demo {
         /// How long the load runs before the primary is killed.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        #[arg(long, value_enum, default_value = "standby")]
+        #[arg(long, value_enum, default_value = "stream")]
         style: crate::standby::Style,
         /// The shipper's poll interval.
         #[arg(long, default_value = "10ms", value_parser = parse_duration)]
@@ -288,6 +288,13 @@ pub enum Command {
         /// Seed of the trials' kill timings (default: from the clock, printed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Instead: the hot standby fed by `receive --serve` against native streaming
+        /// (commit-to-visible, standby host CPU); writes visible.json and visible.md.
+        #[arg(long)]
+        visible: bool,
+        /// With --visible: the segment sizes, in MB.
+        #[arg(long, value_delimiter = ',', default_value = "16,1024")]
+        segment_mb: Vec<u32>,
     },
     /// Print a SCRAM-SHA-256 verifier for a password, for `receive --serve-verifier-file`.
     #[command(
@@ -1016,8 +1023,25 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             bulk_rows,
             trials,
             seed,
+            visible,
+            segment_mb,
         } => {
             use crate::bench::Method;
+            if visible {
+                let o = crate::bench::visible::VisibleOptions {
+                    out,
+                    segment_mb,
+                    seconds: seconds.clamp(1, 600),
+                };
+                let (rt, _t) = runtime();
+                return match rt.block_on(crate::bench::visible::run(&o)) {
+                    Ok(r) => {
+                        print!("{}", crate::bench::visible::table(&r));
+                        EXIT_OK
+                    }
+                    Err(e) => failed("bench", &e),
+                };
+            }
             let mut ms = Vec::new();
             for m in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
                 ms.push(match m {

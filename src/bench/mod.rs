@@ -30,6 +30,7 @@
 
 pub mod loss;
 pub mod plot;
+pub mod visible;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
