@@ -80,7 +80,8 @@ pub struct RigResult {
     pub cpu_idle_segment_start: f64,
     pub cpu_idle_segment_end: f64,
     pub cpu_pgbench: f64,
-    /// Per process, in the idle window near the end of a segment.
+    /// Per process, in the idle windows at the start and near the end of a segment.
+    pub cpu_by_process_idle_start: Vec<(String, f64)>,
     pub cpu_by_process_idle_end: Vec<(String, f64)>,
     pub standby_log_lines_idle: usize,
 }
@@ -340,6 +341,9 @@ async fn wait_caught_up(r: &Rig) -> Result<()> {
     }
 }
 
+/// Each idle CPU window (clock ticks are 10 ms: 0.05 % resolution).
+const IDLE_WINDOW: Duration = Duration::from_secs(20);
+
 async fn measure(r: &Rig, seg_mb: u32, secs: u64) -> Result<RigResult> {
     r.primary.psql(
         "CREATE TABLE visible_probe(id int8 primary key); CREATE TABLE visible_fill(i int8, t text)",
@@ -353,17 +357,17 @@ async fn measure(r: &Rig, seg_mb: u32, secs: u64) -> Result<RigResult> {
     r.primary.psql("SELECT pg_switch_wal()")?;
     r.primary.psql("CHECKPOINT")?;
     wait_caught_up(r).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let lines0 = log_lines(&r.standby);
-    let (cpu_start, _) = cpu_over(r, Duration::from_secs(10)).await;
+    let (cpu_start, per_start) = cpu_over(r, IDLE_WINDOW).await;
     let lines1 = log_lines(&r.standby);
     let idle = probe(r, secs).await?;
     // Idle near the end of a segment.
     fill_segment(r, seg_mb).await?;
     wait_caught_up(r).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let lines2 = log_lines(&r.standby);
-    let (cpu_end, per) = cpu_over(r, Duration::from_secs(10)).await;
+    let (cpu_end, per) = cpu_over(r, IDLE_WINDOW).await;
     let lines3 = log_lines(&r.standby);
     // Under pgbench -c 4.
     let mut bench = r
@@ -384,6 +388,7 @@ async fn measure(r: &Rig, seg_mb: u32, secs: u64) -> Result<RigResult> {
         cpu_idle_segment_start: cpu_start,
         cpu_idle_segment_end: cpu_end,
         cpu_pgbench: cpu.0,
+        cpu_by_process_idle_start: per_start,
         cpu_by_process_idle_end: per,
         standby_log_lines_idle: (lines1 - lines0) + (lines3 - lines2),
     })
