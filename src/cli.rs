@@ -1089,6 +1089,14 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 f.max_connections,
             );
             merge_opt(m, "metrics_addr", &mut a.metrics_addr, f.metrics_addr);
+            merge_opt(m, "serve", &mut a.serve, f.serve);
+            merge_opt(
+                m,
+                "serve_verifier_file",
+                &mut a.serve_verifier_file,
+                f.serve_verifier_file,
+            );
+            merge(m, "serve_user", &mut a.serve_user, f.serve_user);
             a.auth.merge(
                 m,
                 f.secret_file,

@@ -37,10 +37,21 @@ fn wait_value(c: &Cluster, sql: &str, want: &str, secs: u64, logs: &[&Daemon]) {
 
 /// Runs `sql` over a replication connection with psql; (success, stdout, stderr).
 fn psql_replication(addr: &str, user: &str, password: &str, sql: &str) -> (bool, String, String) {
+    psql_replication_with(addr, user, password, "sslmode=disable", sql)
+}
+
+/// As [`psql_replication`], with more conninfo (`ssl...`).
+fn psql_replication_with(
+    addr: &str,
+    user: &str,
+    password: &str,
+    more: &str,
+    sql: &str,
+) -> (bool, String, String) {
     let (host, port) = addr.rsplit_once(':').unwrap();
     let out = std::process::Command::new(pg_bin().tool("psql"))
         .arg(format!(
-            "host={host} port={port} user={user} password='{password}' replication=true dbname=replication sslmode=disable connect_timeout=10"
+            "host={host} port={port} user={user} password='{password}' replication=true dbname=replication {more} connect_timeout=10"
         ))
         .args(["-XAtc", sql])
         .env_remove("PGPASSWORD")
@@ -305,4 +316,45 @@ fn a_timeline_switch_is_followed_by_the_standby() {
         &[&s.rx],
     );
     s.rx.wait_log(&["timeline ended"], 10);
+}
+
+#[test]
+fn tls_is_served_with_the_receivers_certificate_and_required() {
+    let w = Workdir::new();
+    let primary = small_cluster("serve-tls");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (ca, cert, key) = crate::stream::make_tls(&w, "");
+    let serve = format!("127.0.0.1:{}", waltail::pg::cluster::free_port().unwrap());
+    let mut extra = serve_args(&w, &serve);
+    extra.extend([
+        "--tls-cert".to_string(),
+        cert.to_str().unwrap().into(),
+        "--tls-key".into(),
+        key.to_str().unwrap().into(),
+    ]);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &extra);
+    let tx = start_shipper(
+        &w,
+        &primary,
+        &addr,
+        &secret,
+        &["--interval", "2ms", "--tls-ca", ca.to_str().unwrap()],
+    );
+    primary.psql("create table t(i int)").unwrap();
+    wait_durable(&spool, flush_lsn(&primary), 30, &[&rx, &tx]);
+    let verified = format!("sslmode=verify-full sslrootcert={}", ca.display());
+    let (ok, out, err) = psql_replication_with(
+        &serve,
+        "waltail",
+        SERVE_PASSWORD,
+        &verified,
+        "IDENTIFY_SYSTEM",
+    );
+    assert!(ok, "{err}\n{}", rx.log_text());
+    assert!(out.contains("|1|"), "{out}");
+    let (ok, _, err) = psql_replication(&serve, "waltail", SERVE_PASSWORD, "IDENTIFY_SYSTEM");
+    assert!(!ok);
+    assert!(err.contains("over TLS only"), "{err}");
 }

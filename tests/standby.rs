@@ -641,3 +641,66 @@ fn restore_refuses_hostile_names_and_cleanup_keeps_what_is_needed() {
     let out = waltail(&["cleanup", "../../x", "--spool", spool.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// restore copies the received prefix of a 1 GB `.partial` with constant
+/// memory: the child's peak RSS (from wait4) stays under 32 MB, where a
+/// buffer the size of the prefix would be about 1 GB. `.history` of a
+/// timeline the spool lacks is "not found" at once.
+#[test]
+fn restore_serves_a_1gb_partial_in_constant_memory() {
+    use waltail::spool::{Spool, SpoolMeta};
+    use waltail::wal::{SegmentName, SegmentNo, SegmentSize, TimelineId};
+    let w = Workdir::new();
+    let dir = w.path("spool");
+    let sp = Spool::create(&dir).unwrap();
+    let seg_size = SegmentSize::new(1 << 30).unwrap();
+    sp.write_meta(&SpoolMeta {
+        system_identifier: "7000000000000000001".into(),
+        segment_size: seg_size.bytes(),
+        pg_version: 150000,
+    })
+    .unwrap();
+    let seg = SegmentName::new(TimelineId(1), SegmentNo(1));
+    let part = std::fs::File::create(sp.partial_path(seg, seg_size)).unwrap();
+    part.set_len(seg_size.bytes()).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&part, b"head", 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&part, b"tail", (1 << 30) - 8192 - 4).unwrap();
+    let received = Lsn(seg.start_lsn(seg_size).0 + (1 << 30) - 8192);
+    Spool::set_position(&sp.position_file().unwrap(), TimelineId(1), received, true).unwrap();
+    let dest = w.path("RECOVERYXLOG");
+    let name = seg.file_name(seg_size);
+    let child = std::process::Command::new(waltail_bin())
+        .args([
+            "restore",
+            &name,
+            dest.to_str().unwrap(),
+            "--spool",
+            dir.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in; the pid is our child's.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert_eq!(r, child.id() as i32);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "status {status}"
+    );
+    let rss_mb = ru.ru_maxrss as f64 / 1024.0;
+    assert!(rss_mb < 32.0, "restore peaked at {rss_mb:.1} MB RSS");
+    let out = std::fs::File::open(&dest).unwrap();
+    assert_eq!(out.metadata().unwrap().len(), 1 << 30);
+    let mut b = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&out, &mut b, (1 << 30) - 8192 - 4).unwrap();
+    assert_eq!(&b, b"tail");
+    let o = waltail(&[
+        "restore",
+        "00000007.history",
+        dest.to_str().unwrap(),
+        "--spool",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "not found, at once");
+}

@@ -395,7 +395,7 @@ fn the_slot_keeps_wal_until_it_has_been_shipped() {
 }
 
 /// A CA and a certificate for 127.0.0.1 signed by it, as PEM files.
-fn make_tls(
+pub fn make_tls(
     w: &Workdir,
     prefix: &str,
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
