@@ -346,3 +346,93 @@ async fn handle<W: AsyncWrite + Unpin>(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::writer::SpoolWriter;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads backend messages off `r` until `n` WAL bytes arrived; checks
+    /// that no XLogData reaches past `limit`.
+    async fn read_wal<R: AsyncRead + Unpin>(r: &mut R, n: usize, limit: Lsn) -> (Lsn, Vec<u8>) {
+        let mut wal = Vec::new();
+        let mut first = None;
+        while wal.len() < n {
+            let mut h = [0u8; 5];
+            r.read_exact(&mut h).await.unwrap();
+            let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize - 4;
+            let mut body = vec![0u8; len];
+            r.read_exact(&mut body).await.unwrap();
+            assert_eq!(h[0], b'd');
+            if body[0] == b'w' {
+                let start = Lsn(u64::from_be_bytes(body[1..9].try_into().unwrap()));
+                first.get_or_insert(start);
+                assert!(
+                    start.0 + (len - 25) as u64 <= limit.0,
+                    "sent past the durable {limit}"
+                );
+                wal.extend_from_slice(&body[25..]);
+            }
+        }
+        (first.unwrap(), wal)
+    }
+
+    #[tokio::test]
+    async fn wal_goes_out_up_to_the_durable_position_and_follows_it() {
+        let seg = SegmentSize::new(1 << 20).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let sp = Spool::create(d.path()).unwrap();
+        let mut w = SpoolWriter::open(sp.clone(), seg).unwrap();
+        w.start_at(TimelineId(1), Lsn(1 << 20)).unwrap();
+        let data: Vec<u8> = (0..1_300_000u32).map(|i| (i % 251) as u8).collect();
+        w.write(TimelineId(1), Lsn(1 << 20), &data[..700_000])
+            .unwrap();
+        w.sync().unwrap();
+        // Written but not synced: must not be sent.
+        w.write(
+            TimelineId(1),
+            Lsn((1 << 20) + 700_000),
+            &data[700_000..900_000],
+        )
+        .unwrap();
+        let (tx, rx) = watch::channel(Some((TimelineId(1), Lsn((1 << 20) + 700_000))));
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (sr, mut sw) = tokio::io::split(server);
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        let task = tokio::spawn(async move {
+            let mut r = MsgReader::new(sr);
+            stream(
+                &sp,
+                seg,
+                rx,
+                &mut r,
+                &mut sw,
+                TimelineId(1),
+                Lsn(1 << 20),
+                &c2,
+            )
+            .await
+        });
+        let (start, got) = read_wal(&mut cr, 700_000, Lsn((1 << 20) + 700_000)).await;
+        assert_eq!(start, Lsn(1 << 20));
+        assert_eq!(got, &data[..700_000]);
+        // The writer syncs across the segment end; the stream follows.
+        w.write(TimelineId(1), Lsn((1 << 20) + 900_000), &data[900_000..])
+            .unwrap();
+        let durable = w.sync().unwrap();
+        tx.send_replace(Some((TimelineId(1), durable)));
+        let (start, got) = read_wal(&mut cr, 600_000, durable).await;
+        assert_eq!(start, Lsn((1 << 20) + 700_000));
+        assert_eq!(got, &data[700_000..]);
+        // CopyDone from the standby ends the stream with a CopyDone back.
+        cw.write_all(&[b'c', 0, 0, 0, 4]).await.unwrap();
+        let mut h = [0u8; 5];
+        cr.read_exact(&mut h).await.unwrap();
+        assert_eq!(h[0], b'c');
+        assert_eq!(task.await.unwrap().unwrap(), Ended::ByStandby);
+        cancel.cancel();
+    }
+}
