@@ -669,6 +669,8 @@ fn restore_serves_a_1gb_partial_in_constant_memory() {
     Spool::set_position(&sp.position_file().unwrap(), TimelineId(1), received, true).unwrap();
     let dest = w.path("RECOVERYXLOG");
     let name = seg.file_name(seg_size);
+    // Reaped by wait4 below, which also gives its rusage.
+    #[allow(clippy::zombie_processes)]
     let child = std::process::Command::new(waltail_bin())
         .args([
             "restore",
