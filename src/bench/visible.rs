@@ -439,18 +439,20 @@ pub fn table(rs: &[RigResult]) -> String {
             r.standby_log_lines_idle
         ));
     }
-    s.push_str("\nCPU by process, idle near the end of a segment (% of a core):\n\n");
-    for r in rs {
-        let per: Vec<String> = r
-            .cpu_by_process_idle_end
-            .iter()
+    s.push_str("\nCPU by process at idle, % of a core (segment start; near its end):\n\n");
+    let fmt = |v: &[(String, f64)]| {
+        v.iter()
             .map(|(l, c)| format!("{l} {c:.2}%"))
-            .collect();
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for r in rs {
         s.push_str(&format!(
-            "- {} ({} MB): {}\n",
+            "- {} ({} MB): {}; {}\n",
             r.rig,
             r.segment_mb,
-            per.join(", ")
+            fmt(&r.cpu_by_process_idle_start),
+            fmt(&r.cpu_by_process_idle_end)
         ));
     }
     s.push_str("\nTargets:\n\n");
