@@ -82,7 +82,7 @@ fn rig(name: &str) -> (Workdir, Cluster, Daemon, Daemon, String) {
 
 #[test]
 fn a_stock_standby_streams_from_the_spool_and_replays() {
-    let s = setup_with("serve-basic", "stream", 1, "auto");
+    let mut s = setup_with("serve-basic", "stream", 1, "auto");
     let serve = s.serve.clone().unwrap();
     s.primary
         .psql("create table v(i int); insert into v select generate_series(1, 1000)")
@@ -119,6 +119,32 @@ fn a_stock_standby_streams_from_the_spool_and_replays() {
         );
     }
     s.rx.wait_log(&["standby connected", "streaming to the standby"], 10);
+    // A standby restarted in the middle of a segment resumes streaming there.
+    s.primary
+        .psql("insert into v select generate_series(1, 500)")
+        .unwrap();
+    let flush = flush_lsn(&s.primary);
+    assert_ne!(flush.0 % (1 << 20), 0, "mid-segment");
+    wait_value(
+        &s.standby,
+        &format!("select pg_last_wal_replay_lsn() >= '{flush}'"),
+        "t",
+        30,
+        &[&s.rx],
+    );
+    s.standby.stop().unwrap();
+    s.standby.start().unwrap();
+    s.primary
+        .psql("insert into v select generate_series(1, 500)")
+        .unwrap();
+    wait_value(&s.standby, "select count(*) from v", "5003", 30, &[&s.rx]);
+    wait_value(
+        &s.standby,
+        "select status from pg_stat_wal_receiver",
+        "streaming",
+        30,
+        &[&s.rx],
+    );
     let log = std::fs::read_to_string(s.standby.log_path()).unwrap();
     assert!(log.contains("started streaming WAL from primary"), "{log}");
 }

@@ -76,6 +76,10 @@ pub struct RigResult {
     pub segment_mb: u32,
     pub visible_idle_ms: Option<Percentiles>,
     pub visible_pgbench_ms: Option<Percentiles>,
+    /// Stream rig, the profile: commit to durable in the spool (ship and
+    /// receive), the part of commit-to-visible the walsender cannot shorten.
+    pub durable_idle_ms: Option<Percentiles>,
+    pub durable_pgbench_ms: Option<Percentiles>,
     /// Percent of one core, summed over the standby host's processes.
     pub cpu_idle_segment_start: f64,
     pub cpu_idle_segment_end: f64,
@@ -92,6 +96,8 @@ struct Rig {
     primary: Cluster,
     standby: Cluster,
     daemons: Vec<std::process::Child>,
+    /// Stream rig: the spool, whose durable position is polled too.
+    spool: Option<PathBuf>,
     _work: tempfile::TempDir,
 }
 
@@ -149,6 +155,7 @@ async fn stream_rig(exe: &Path, seg_mb: u32, run_as: Option<RunAs>) -> Result<Ri
         primary,
         standby,
         daemons: vec![pair.receive, pair.ship],
+        spool: Some(pair.spool),
         _work: work,
     })
 }
@@ -171,6 +178,7 @@ async fn native_rig(seg_mb: u32) -> Result<Rig> {
         primary,
         standby,
         daemons: Vec::new(),
+        spool: None,
         _work: work,
     })
 }
@@ -250,8 +258,16 @@ fn log_lines(c: &Cluster) -> usize {
         .unwrap_or(0)
 }
 
-/// Probe commits every 100 ms for `secs`; each polled on the standby until visible.
-async fn probe(r: &Rig, secs: u64) -> Result<Vec<f64>> {
+/// Probe commits every 100 ms for `secs`; each polled on the standby until
+/// visible (and, stream rig, in the spool until durable). Milliseconds:
+/// (commit-to-visible, commit-to-durable). Both rigs ask the primary for
+/// its flush position after each commit, so both carry that query's delay.
+async fn probe(r: &Rig, secs: u64) -> Result<(Vec<f64>, Vec<f64>)> {
+    let spool = r
+        .spool
+        .as_ref()
+        .map(|d| crate::spool::Spool { dir: d.clone() });
+    let mut durable = Vec::new();
     let p = connect(&r.primary.conninfo()).await?;
     let s = connect(&r.standby.conninfo()).await?;
     let check = s
@@ -266,9 +282,22 @@ async fn probe(r: &Rig, secs: u64) -> Result<Vec<f64>> {
         p.execute("INSERT INTO visible_probe VALUES ($1)", &[&id])
             .await?;
         let committed = Instant::now();
+        // At or past the end of the commit record.
+        let l: String = p
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await?
+            .get(0);
+        let lsn: crate::wal::Lsn = l.parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let mut seen_durable = spool.is_none();
         let deadline = committed + Duration::from_secs(30);
         loop {
-            if !s.query(&check, &[&id]).await?.is_empty() {
+            if let (false, Some(sp)) = (seen_durable, &spool) {
+                if sp.position().ok().flatten().is_some_and(|(_, d)| d >= lsn) {
+                    durable.push(committed.elapsed().as_secs_f64() * 1000.0);
+                    seen_durable = true;
+                }
+            }
+            if seen_durable && !s.query(&check, &[&id]).await?.is_empty() {
                 out.push(committed.elapsed().as_secs_f64() * 1000.0);
                 break;
             }
@@ -285,7 +314,7 @@ async fn probe(r: &Rig, secs: u64) -> Result<Vec<f64>> {
     }
     // Ids restart per run: empty the table for the next one.
     p.execute("TRUNCATE visible_probe", &[]).await?;
-    Ok(out)
+    Ok((out, durable))
 }
 
 /// Writes WAL until the current segment is about 90 % full.
@@ -361,7 +390,7 @@ async fn measure(r: &Rig, seg_mb: u32, secs: u64) -> Result<RigResult> {
     let lines0 = log_lines(&r.standby);
     let (cpu_start, per_start) = cpu_over(r, IDLE_WINDOW).await;
     let lines1 = log_lines(&r.standby);
-    let idle = probe(r, secs).await?;
+    let (idle, idle_durable) = probe(r, secs).await?;
     // Idle near the end of a segment.
     fill_segment(r, seg_mb).await?;
     wait_caught_up(r).await?;
@@ -380,11 +409,14 @@ async fn measure(r: &Rig, seg_mb: u32, secs: u64) -> Result<RigResult> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (busy, cpu) = tokio::join!(probe(r, secs), cpu_over(r, Duration::from_secs(secs)));
     let _ = bench.wait();
+    let (busy, busy_durable) = busy?;
     Ok(RigResult {
         rig: r.name.clone(),
         segment_mb: seg_mb,
         visible_idle_ms: percentiles(idle),
-        visible_pgbench_ms: percentiles(busy?),
+        visible_pgbench_ms: percentiles(busy),
+        durable_idle_ms: percentiles(idle_durable),
+        durable_pgbench_ms: percentiles(busy_durable),
         cpu_idle_segment_start: cpu_start,
         cpu_idle_segment_end: cpu_end,
         cpu_pgbench: cpu.0,
@@ -453,6 +485,15 @@ pub fn table(rs: &[RigResult]) -> String {
             r.segment_mb,
             fmt(&r.cpu_by_process_idle_start),
             fmt(&r.cpu_by_process_idle_end)
+        ));
+    }
+    s.push_str("\nProfile of the stream rig's commit-to-visible: commit to durable in the spool (ship + receive with its fdatasync), p50 / p99 / max ms; the rest is the walsender, the standby's walreceiver (its own fsync) and replay:\n\n");
+    for r in rs.iter().filter(|r| r.durable_idle_ms.is_some()) {
+        s.push_str(&format!(
+            "- {} MB: idle {}; under pgbench -c 4 {}\n",
+            r.segment_mb,
+            lat(&r.durable_idle_ms),
+            lat(&r.durable_pgbench_ms)
         ));
     }
     s.push_str("\nTargets:\n\n");
