@@ -260,8 +260,7 @@ fn log_lines(c: &Cluster) -> usize {
 
 /// Probe commits every 100 ms for `secs`; each polled on the standby until
 /// visible (and, stream rig, in the spool until durable). Milliseconds:
-/// (commit-to-visible, commit-to-durable). Both rigs ask the primary for
-/// its flush position after each commit, so both carry that query's delay.
+/// (commit-to-visible, commit-to-durable).
 async fn probe(r: &Rig, secs: u64) -> Result<(Vec<f64>, Vec<f64>)> {
     let spool = r
         .spool
@@ -282,23 +281,32 @@ async fn probe(r: &Rig, secs: u64) -> Result<(Vec<f64>, Vec<f64>)> {
         p.execute("INSERT INTO visible_probe VALUES ($1)", &[&id])
             .await?;
         let committed = Instant::now();
-        // At or past the end of the commit record.
-        let l: String = p
-            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-            .await?
-            .get(0);
-        let lsn: crate::wal::Lsn = l.parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        // At or past the end of the commit record; asked while the standby
+        // is already being polled, so that the question delays nothing.
+        let lsn_q = p.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]);
+        tokio::pin!(lsn_q);
+        let mut lsn: Option<crate::wal::Lsn> = None;
         let mut seen_durable = spool.is_none();
+        let mut seen_visible = false;
         let deadline = committed + Duration::from_secs(30);
         loop {
-            if let (false, Some(sp)) = (seen_durable, &spool) {
-                if sp.position().ok().flatten().is_some_and(|(_, d)| d >= lsn) {
+            if lsn.is_none() {
+                if let Ok(row) = tokio::time::timeout(Duration::ZERO, &mut lsn_q).await {
+                    let l: String = row?.get(0);
+                    lsn = Some(l.parse().map_err(|e| anyhow::anyhow!("{e:?}"))?);
+                }
+            }
+            if let (false, Some(sp), Some(l)) = (seen_durable, &spool, lsn) {
+                if sp.position().ok().flatten().is_some_and(|(_, d)| d >= l) {
                     durable.push(committed.elapsed().as_secs_f64() * 1000.0);
                     seen_durable = true;
                 }
             }
-            if seen_durable && !s.query(&check, &[&id]).await?.is_empty() {
+            if !seen_visible && !s.query(&check, &[&id]).await?.is_empty() {
                 out.push(committed.elapsed().as_secs_f64() * 1000.0);
+                seen_visible = true;
+            }
+            if seen_visible && seen_durable {
                 break;
             }
             if Instant::now() > deadline {
@@ -308,6 +316,9 @@ async fn probe(r: &Rig, secs: u64) -> Result<(Vec<f64>, Vec<f64>)> {
                 );
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        if lsn.is_none() {
+            let _ = lsn_q.await?;
         }
         let next = tick + Duration::from_millis(100);
         tokio::time::sleep_until(next.into()).await;
