@@ -179,6 +179,10 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         /// recovery.signal style: wait until the segment is complete, or a failover ends the wait.
         #[arg(long)]
         wait: bool,
+        /// stream style: serve complete segments only, never the growing `.partial`
+        /// (the standby streams that from `receive --serve`).
+        #[arg(long, conflicts_with = "wait")]
+        no_partial: bool,
         /// How often --wait looks again.
         #[arg(long, default_value = "100ms", value_parser = parse_duration)]
         poll: Duration,
@@ -289,13 +293,13 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
     },
     /// Throwaway primary + standby on this machine: ship, load, kill the primary, fail over, report.
     #[command(
-        after_help = "Example:\n  waltail demo\n  waltail demo --style recovery --seconds 8\n\nNeeds PostgreSQL installed (WALTAIL_PG_BIN to pick one); run as root, the servers run as `postgres`.\nExit codes: 0 the promoted standby holds a gap-free prefix of the acknowledged commits, 1 it does not, or the demo failed."
+        after_help = "Example:\n  waltail demo\n  waltail demo --style standby --seconds 8\n\nNeeds PostgreSQL installed (WALTAIL_PG_BIN to pick one); run as root, the servers run as `postgres`.\nExit codes: 0 the promoted standby holds a gap-free prefix of the acknowledged commits, 1 it does not, or the demo failed."
     )]
     Demo {
         /// How long the load runs before the primary is killed.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        #[arg(long, value_enum, default_value = "standby")]
+        #[arg(long, value_enum, default_value = "stream")]
         style: crate::standby::Style,
         /// The shipper's poll interval.
         #[arg(long, default_value = "10ms", value_parser = parse_duration)]
@@ -334,6 +338,23 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         /// Seed of the trials' kill timings (default: from the clock, printed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Instead: the hot standby fed by `receive --serve` against native streaming
+        /// (commit-to-visible, standby host CPU); writes visible.json and visible.md.
+        #[arg(long)]
+        visible: bool,
+        /// With --visible: the segment sizes, in MB.
+        #[arg(long, value_delimiter = ',', default_value = "16,1024")]
+        segment_mb: Vec<u32>,
+    },
+    /// Print a SCRAM-SHA-256 verifier for a password, for `receive --serve-verifier-file`.
+    #[command(
+        name = "scram-verifier",
+        after_help = "Example:\n  waltail scram-verifier --password-file /etc/waltail/standby-password > /etc/waltail/serve-verifier\n  echo 'my password' | waltail scram-verifier\n\nThe password is the first line of the file (or of stdin). The verifier has the format of\npg_authid.rolpassword; it holds no password.\nExit codes: 0 printed, 2 no password."
+    )]
+    ScramVerifier {
+        /// File whose first line is the password (default: stdin).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
     },
     /// Make a standby data directory fed from the spool (base backup + recovery settings).
     #[command(
@@ -361,6 +382,21 @@ the server's user cannot read), with nothing written."
         /// Replace what a non-empty --pgdata holds (never while a server runs in it).
         #[arg(long)]
         force: bool,
+        /// stream style: HOST:PORT of `waltail receive --serve`, as the standby reaches it.
+        #[arg(long)]
+        serve: Option<String>,
+        /// stream style: the user of `receive --serve-user`.
+        #[arg(long, default_value = "waltail")]
+        serve_user: String,
+        /// stream style: file whose first line is the password (written into primary_conninfo).
+        #[arg(long)]
+        serve_password_file: Option<PathBuf>,
+        /// stream style: libpq sslmode of primary_conninfo.
+        #[arg(long, default_value = "prefer")]
+        sslmode: String,
+        /// stream style: application_name of the standby's walreceiver.
+        #[arg(long, default_value = "waltail-standby")]
+        application_name: String,
     },
 }
 
@@ -459,8 +495,26 @@ pub struct ReceiveArgs {
     /// Serve Prometheus metrics on this address (GET /metrics), like 127.0.0.1:9188.
     #[arg(long, env = "WALTAIL_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Also serve the spool to standbys over PostgreSQL's streaming
+    /// replication protocol on this address (their primary_conninfo points here).
+    #[arg(long, env = "WALTAIL_SERVE")]
+    pub serve: Option<String>,
+    /// File holding the SCRAM-SHA-256 verifier standbys authenticate against
+    /// (`waltail scram-verifier` makes one). Required unless --serve is loopback.
+    #[arg(long, env = "WALTAIL_SERVE_VERIFIER_FILE")]
+    pub serve_verifier_file: Option<PathBuf>,
+    /// The user name standbys connect as.
+    #[arg(long, default_value = "waltail")]
+    pub serve_user: String,
     #[command(flatten)]
     pub auth: AuthArgs,
+}
+
+/// Reads a verifier file (one line, `SCRAM-SHA-256$...`).
+fn read_verifier(p: &std::path::Path) -> Result<crate::serve::auth::Verifier, String> {
+    let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    text.parse()
+        .map_err(|e: String| format!("{}: {e}", p.display()))
 }
 
 /// Runs the command line; the binary's `main` is only this.
@@ -796,6 +850,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             dest,
             mut spool,
             mut wait,
+            no_partial,
             mut poll,
             mut max_wait,
         } => {
@@ -816,6 +871,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 dest,
                 spool,
                 wait,
+                no_partial,
                 poll,
                 max_wait,
             };
@@ -1063,33 +1119,70 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             retry_interval,
             method,
             force,
-        } => match runtime().0.block_on(crate::standby::init_standby(
-            &std::env::current_exe().unwrap_or_else(|_| "waltail".into()),
-            &crate::standby::InitStandby {
-                primary: &primary,
-                pgdata: &pgdata,
-                spool: &spool,
-                style,
-                retry: retry_interval,
-                method,
-                force,
-            },
-        )) {
-            Ok(made) => {
-                println!(
+            serve,
+            serve_user,
+            serve_password_file,
+            sslmode,
+            application_name,
+        } => {
+            let target = match &serve {
+                None => None,
+                Some(addr) => {
+                    let (host, port) = match crate::standby::StreamTarget::parse_addr(addr) {
+                        Ok(x) => x,
+                        Err(e) => return bad_input("init-standby", format!("--serve: {e}")),
+                    };
+                    let password = match &serve_password_file {
+                        None => None,
+                        Some(p) => match std::fs::read_to_string(p) {
+                            Ok(t) => Some(t.lines().next().unwrap_or("").to_string()),
+                            Err(e) => {
+                                return bad_input("init-standby", format!("{}: {e}", p.display()))
+                            }
+                        },
+                    };
+                    Some(crate::standby::StreamTarget {
+                        host,
+                        port,
+                        user: serve_user,
+                        password,
+                        sslmode,
+                        application_name,
+                    })
+                }
+            };
+            if style == crate::standby::Style::Stream && target.is_none() {
+                return bad_input("init-standby", "--style stream needs --serve HOST:PORT (the address of `waltail receive --serve`)");
+            }
+            match runtime().0.block_on(crate::standby::init_standby(
+                &std::env::current_exe().unwrap_or_else(|_| "waltail".into()),
+                &crate::standby::InitStandby {
+                    primary: &primary,
+                    pgdata: &pgdata,
+                    spool: &spool,
+                    style,
+                    retry: retry_interval,
+                    method,
+                    force,
+                    stream: target.as_ref(),
+                },
+            )) {
+                Ok(made) => {
+                    println!(
                     "standby data directory ready in {} ({} style; {}); start it with pg_ctl -D {} start",
                     made.pgdata.display(),
                     style.signal_file(),
                     made.how,
                     made.pgdata.display()
                 );
-                EXIT_OK
+                    EXIT_OK
+                }
+                Err(e) if e.downcast_ref::<crate::standby::Precondition>().is_some() => {
+                    bad_input("init-standby", e)
+                }
+                Err(e) => failed("init-standby", &e),
             }
-            Err(e) if e.downcast_ref::<crate::standby::Precondition>().is_some() => {
-                bad_input("init-standby", e)
-            }
-            Err(e) => failed("init-standby", &e),
-        },
+        }
         Command::Demo {
             seconds,
             style,
@@ -1123,8 +1216,25 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             bulk_rows,
             trials,
             seed,
+            visible,
+            segment_mb,
         } => {
             use crate::bench::Method;
+            if visible {
+                let o = crate::bench::visible::VisibleOptions {
+                    out,
+                    segment_mb,
+                    seconds: seconds.clamp(1, 600),
+                };
+                let (rt, _t) = runtime();
+                return match rt.block_on(crate::bench::visible::run(&o)) {
+                    Ok(r) => {
+                        print!("{}", crate::bench::visible::table(&r));
+                        EXIT_OK
+                    }
+                    Err(e) => failed("bench", &e),
+                };
+            }
             let mut ms = Vec::new();
             for m in methods.split(',').map(str::trim).filter(|m| !m.is_empty()) {
                 ms.push(match m {
@@ -1180,6 +1290,14 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                 f.max_connections,
             );
             merge_opt(m, "metrics_addr", &mut a.metrics_addr, f.metrics_addr);
+            merge_opt(m, "serve", &mut a.serve, f.serve);
+            merge_opt(
+                m,
+                "serve_verifier_file",
+                &mut a.serve_verifier_file,
+                f.serve_verifier_file,
+            );
+            merge(m, "serve_user", &mut a.serve_user, f.serve_user);
             a.auth.merge(
                 m,
                 f.secret_file,
@@ -1209,6 +1327,26 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             }
             let mut cfg = crate::receive::ReceiveConfig::new(&listen, spool, secret);
             cfg.tls = a.auth.tls();
+            if let Some(addr) = &a.serve {
+                let verifier = match a.serve_verifier_file.as_deref().map(read_verifier) {
+                    None => None,
+                    Some(Ok(v)) => Some(v),
+                    Some(Err(e)) => return bad_input("receive", e),
+                };
+                let tls = match cfg.tls.acceptor() {
+                    Ok(t) => t,
+                    Err(e) => return bad_input("receive", e),
+                };
+                cfg.serve = Some(crate::serve::ServeConfig {
+                    listen: addr.clone(),
+                    verifier,
+                    user: a.serve_user.clone(),
+                    tls,
+                    max_connections: 8,
+                });
+            } else if a.serve_verifier_file.is_some() {
+                return bad_input("receive", "--serve-verifier-file needs --serve ADDR");
+            }
             cfg.idle_timeout = a.idle_timeout;
             cfg.max_connections = a.max_connections.max(1);
             let limits = crate::receive::ReceiveLimits {
@@ -1258,6 +1396,27 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                     }
                 }
             }
+        }
+        Command::ScramVerifier { password_file } => {
+            let text = match &password_file {
+                Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display())),
+                None => {
+                    let mut l = String::new();
+                    std::io::stdin()
+                        .read_line(&mut l)
+                        .map(|_| l)
+                        .map_err(|e| format!("stdin: {e}"))
+                }
+            };
+            let pw = match text {
+                Ok(t) => t.lines().next().unwrap_or("").to_string(),
+                Err(e) => return bad_input("scram-verifier", e),
+            };
+            if pw.is_empty() {
+                return bad_input("scram-verifier", "the password is empty");
+            }
+            println!("{}", crate::serve::auth::make_verifier(&pw));
+            EXIT_OK
         }
         Command::Inspect { file, json } => match crate::inspect::inspect(&file) {
             Ok(report) => {

@@ -81,6 +81,9 @@ pub struct ReceiveFile {
     pub tls_ca: Option<PathBuf>,
     pub metrics_addr: Option<String>,
     pub log_level: Option<String>,
+    pub serve: Option<String>,
+    pub serve_verifier_file: Option<PathBuf>,
+    pub serve_user: Option<String>,
 }
 
 /// `restore` and `cleanup` (the standby's restore_command and archive_cleanup_command).

@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 use crate::failover::{FailoverConfig, FailoverReport};
 use crate::load;
 use crate::pg::cluster::RunAs;
-use crate::pg::process::start_pair;
 use crate::pg::{Cluster, ClusterOptions};
 use crate::standby::Style;
 use crate::wal::{scan_segment, Lsn, ScanConfig, SegmentName, SegmentSize};
@@ -76,31 +75,45 @@ async fn run_inner(opts: &DemoOptions) -> Result<DemoResult> {
     primary.start()?;
     say(format!("primary is up on 127.0.0.1:{}", primary.port));
 
-    let pair = start_pair(
+    let (extra, target) = if opts.style == Style::Stream {
+        let (a, t) = crate::pg::process::serve_on_loopback(work.path(), run_as)?;
+        (a, Some(t))
+    } else {
+        (Vec::new(), None)
+    };
+    let interval = format!("{}ms", opts.interval.as_millis().max(1));
+    let pair = crate::pg::process::start_pair_with(
         &exe,
         &primary.conninfo(),
         work.path(),
-        opts.interval,
+        &["--interval", &interval],
         run_as,
+        &extra,
     )?;
     let spool = pair.spool.clone();
     let (_rx, _tx) = (Daemon(pair.receive), Daemon(pair.ship));
-    let interval = format!("{}ms", opts.interval.as_millis().max(1));
     say(format!(
-        "waltail receive has WAL in spool {}; waltail ship polls every {interval}",
+        "waltail receive has WAL in spool {}; waltail ship wakes on WAL writes (a poll every {interval} as the safety net)",
         spool.display()
     ));
     load::create_table(&primary.conninfo(), "demo").await?;
 
-    say(format!(
-        "making the standby (waltail init-standby, {} style)",
-        opts.style.signal_file()
-    ));
+    say(match &target {
+        Some(t) => format!(
+            "making the standby (waltail init-standby, stream style: it streams from waltail receive --serve on 127.0.0.1:{})",
+            t.port
+        ),
+        None => format!(
+            "making the standby (waltail init-standby, {} style)",
+            opts.style.signal_file()
+        ),
+    });
     let pgdata = path("standby");
     crate::standby::init_standby(
         &exe,
         &crate::standby::InitStandby {
             style: opts.style,
+            stream: target.as_ref(),
             ..crate::standby::InitStandby::new(&primary.conninfo(), &pgdata, &spool)
         },
     )

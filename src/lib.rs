@@ -9,6 +9,7 @@
 //! * [`status`]: `waltail status` and `waltail check`;
 //! * [`metrics`]: the Prometheus metrics and their endpoint;
 //! * [`access`]: ownership and permission checks that name the fix.
+//! * [`serve`]: a walsender for the spool (`receive --serve`).
 
 pub mod access;
 pub mod bench;
@@ -26,6 +27,7 @@ pub mod proto;
 pub mod receive;
 pub mod rejoin;
 pub mod restore;
+pub mod serve;
 pub mod ship;
 pub mod spool;
 pub mod standby;

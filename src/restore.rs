@@ -40,7 +40,7 @@
 //! Files reach `%p` through a temporary file in the same directory and a rename.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -97,6 +97,9 @@ pub struct RestoreRequest {
     pub spool: PathBuf,
     /// recovery.signal style: wait for complete segments until a failover.
     pub wait: bool,
+    /// stream style: serve complete segments only (the stream serves the
+    /// growing one), never the zero-padded `.partial`.
+    pub no_partial: bool,
     pub poll: Duration,
     /// Give up waiting after this long (None: until a failover).
     pub max_wait: Option<Duration>,
@@ -198,6 +201,9 @@ fn attempt(req: &RestoreRequest, deadline: Option<Instant>) -> Result<u8, Restor
                 copy_atomic(&src, &req.dest, None)?;
                 return Ok(EXIT_RESTORED);
             }
+            if !req.wait && req.no_partial {
+                return Ok(EXIT_NOT_FOUND);
+            }
             if !req.wait {
                 return serve_partial(&spool, seg, seg_size, &req.dest);
             }
@@ -278,11 +284,20 @@ fn copy_atomic(src: &Path, dest: &Path, prefix: Option<(u64, u64)>) -> Result<()
                 io::copy(&mut from, &mut to).map_err(|e| io("cannot copy to", &tmp, e))?;
             }
             Some((n, size)) => {
-                let mut buf = vec![0u8; n as usize];
-                from.read_exact(&mut buf)
-                    .map_err(|e| io("cannot read", src, e))?;
-                to.write_all(&buf)
-                    .map_err(|e| io("cannot write", &tmp, e))?;
+                // Constant memory at any segment size (copy_file_range
+                // where the kernel has it).
+                let copied = io::copy(&mut (&mut from).take(n), &mut to)
+                    .map_err(|e| io("cannot copy to", &tmp, e))?;
+                if copied != n {
+                    return Err(io(
+                        "cannot read",
+                        src,
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("{copied} of {n} bytes"),
+                        ),
+                    ));
+                }
                 to.set_len(size).map_err(|e| io("cannot size", &tmp, e))?;
                 // Make sure the length is real on file systems that care.
                 if size > n {

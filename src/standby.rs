@@ -11,7 +11,10 @@
 //! * `wal_retrieve_retry_interval` (standby style: how soon a growing partial
 //!   segment is read again, which sets hot-standby visibility lag);
 //! * `recovery_target_timeline = 'latest'`, `hot_standby = on`;
-//! * the signal file: `standby.signal` or `recovery.signal`.
+//! * the signal file: `standby.signal` or `recovery.signal`;
+//! * stream style: `primary_conninfo` pointing at `waltail receive --serve`
+//!   (host, port, user, password, sslmode, application_name), with
+//!   restore_command kept as the fallback for complete segments.
 //!
 //! Before it writes anything it checks what the server will need
 //! ([`check_preconditions`]): the data directory is empty (or `--force`d, and
@@ -57,14 +60,78 @@ pub enum Style {
     Standby,
     /// recovery.signal: restore waits for complete segments until a failover (pg_standby style).
     Recovery,
+    /// standby.signal with primary_conninfo at `waltail receive --serve`: the standby
+    /// streams WAL from the spool; restore_command serves complete segments as a fallback.
+    Stream,
 }
 
 impl Style {
     pub fn signal_file(self) -> &'static str {
         match self {
-            Style::Standby => "standby.signal",
+            Style::Standby | Style::Stream => "standby.signal",
             Style::Recovery => "recovery.signal",
         }
+    }
+}
+
+/// Where a stream-style standby connects: the spool's `receive --serve`.
+#[derive(Clone, Debug)]
+pub struct StreamTarget {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    /// libpq sslmode (disable, prefer, require, verify-ca, verify-full).
+    pub sslmode: String,
+    pub application_name: String,
+}
+
+/// A libpq conninfo value, quoted when it needs to be.
+fn conninfo_value(v: &str) -> String {
+    if !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@".contains(&b))
+    {
+        return v.to_string();
+    }
+    let mut q = String::from("'");
+    for c in v.chars() {
+        if c == '\\' || c == '\'' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('\'');
+    q
+}
+
+impl StreamTarget {
+    /// Parses `HOST:PORT`.
+    pub fn parse_addr(addr: &str) -> Result<(String, u16), String> {
+        let (h, p) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{addr:?} is not HOST:PORT"))?;
+        let port = p.parse().map_err(|_| format!("{addr:?}: bad port {p:?}"))?;
+        Ok((
+            h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            port,
+        ))
+    }
+
+    /// The conninfo the standby's walreceiver uses.
+    pub fn conninfo(&self) -> String {
+        let mut c = format!(
+            "host={} port={} user={} sslmode={} application_name={}",
+            conninfo_value(&self.host),
+            self.port,
+            conninfo_value(&self.user),
+            conninfo_value(&self.sslmode),
+            conninfo_value(&self.application_name)
+        );
+        if let Some(p) = &self.password {
+            c.push_str(&format!(" password={}", conninfo_value(p)));
+        }
+        c
     }
 }
 
@@ -247,11 +314,35 @@ pub fn recovery_settings(
     retry: Duration,
     server_major: u32,
 ) -> String {
-    let wait = if style == Style::Recovery {
-        " --wait"
-    } else {
-        ""
+    recovery_settings_with(exe, spool, style, retry, server_major, None)
+}
+
+/// [`recovery_settings`], with the stream style's server.
+pub fn recovery_settings_with(
+    exe: &Path,
+    spool: &Path,
+    style: Style,
+    retry: Duration,
+    server_major: u32,
+    stream: Option<&StreamTarget>,
+) -> String {
+    let wait = match style {
+        Style::Recovery => " --wait",
+        // The stream serves the growing segment; restore only complete ones.
+        Style::Stream => " --no-partial",
+        Style::Standby => "",
     };
+    // Stream style: how soon the startup process retries the stream after
+    // it broke (restore_command is asked in between).
+    let retry = if style == Style::Stream {
+        retry.max(Duration::from_secs(1))
+    } else {
+        retry
+    };
+    let conninfo = stream
+        .filter(|_| style == Style::Stream)
+        .map(|t| t.conninfo().replace('\\', "\\\\").replace('\'', "''"))
+        .unwrap_or_default();
     let mut conf = format!(
         "\n{BLOCK_MARK}\n\
          restore_command = '{exe} restore %f %p --spool {spool}{wait}'\n\
@@ -259,7 +350,7 @@ pub fn recovery_settings(
          wal_retrieve_retry_interval = '{ms}ms'\n\
          recovery_target_timeline = 'latest'\n\
          hot_standby = on\n\
-         primary_conninfo = ''\n",
+         primary_conninfo = '{conninfo}'\n",
         exe = shell_word(exe),
         spool = shell_word(spool),
         ms = retry.as_millis().max(1),
@@ -280,15 +371,38 @@ pub fn configure(
     owner: Option<RunAs>,
     server_major: u32,
 ) -> Result<()> {
+    configure_with(pgdata, exe, spool, style, retry, owner, server_major, None)
+}
+
+/// [`configure`], with the stream style's server.
+#[allow(clippy::too_many_arguments)]
+pub fn configure_with(
+    pgdata: &Path,
+    exe: &Path,
+    spool: &Path,
+    style: Style,
+    retry: Duration,
+    owner: Option<RunAs>,
+    server_major: u32,
+    stream: Option<&StreamTarget>,
+) -> Result<()> {
+    if style == Style::Stream && stream.is_none() {
+        bail!(
+            "the stream style needs the address of `waltail receive --serve` (--serve HOST:PORT)"
+        );
+    }
     let conf = pgdata.join("postgresql.auto.conf");
     let old = match std::fs::read_to_string(&conf) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", conf.display())),
     };
-    let text = without_block(&old) + &recovery_settings(exe, spool, style, retry, server_major);
+    let text = without_block(&old)
+        + &recovery_settings_with(exe, spool, style, retry, server_major, stream);
     crate::fsio::write_atomic(&conf, text.as_bytes())
         .with_context(|| format!("writing {}", conf.display()))?;
+    // It may hold the password of primary_conninfo: the server's user only.
+    std::fs::set_permissions(&conf, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     for other in ["standby.signal", "recovery.signal"] {
         let _ = std::fs::remove_file(pgdata.join(other));
     }
@@ -314,6 +428,8 @@ pub struct InitStandby<'a> {
     pub method: Method,
     /// Replace what a non-empty `pgdata` holds.
     pub force: bool,
+    /// The stream style's server (`waltail receive --serve`).
+    pub stream: Option<&'a StreamTarget>,
 }
 
 impl<'a> InitStandby<'a> {
@@ -327,6 +443,7 @@ impl<'a> InitStandby<'a> {
             retry: Duration::from_millis(100),
             method: Method::Auto,
             force: false,
+            stream: None,
         }
     }
 }
@@ -346,7 +463,11 @@ pub async fn init_standby(exe: &Path, o: &InitStandby<'_>) -> Result<StandbyMade
         retry,
         method,
         force,
+        stream,
     } = *o;
+    if style == Style::Stream && stream.is_none() {
+        bail!("--style stream needs --serve HOST:PORT, the address of `waltail receive --serve`");
+    }
     let owner = RunAs::for_servers()?;
     check_preconditions(pgdata, spool, owner, force)?;
     let local = PgBin::find().map_err(anyhow::Error::msg)?;
@@ -426,7 +547,7 @@ pub async fn init_standby(exe: &Path, o: &InitStandby<'_>) -> Result<StandbyMade
         format!("base backup by {}", tool.display())
     };
     let spool = std::path::absolute(spool)?;
-    configure(pgdata, exe, &spool, style, retry, owner, major)?;
+    configure_with(pgdata, exe, &spool, style, retry, owner, major, stream)?;
     if style == Style::Recovery {
         let c = crate::pg::client::connect(primary).await?;
         c.query_one("SELECT pg_switch_wal()::text", &[])
@@ -489,5 +610,34 @@ mod tests {
             assert!(!conf(Style::Standby, major).contains("recovery_prefetch"));
         }
         assert!(conf(Style::Recovery, 17).contains("--spool /spool --wait'"));
+    }
+
+    #[test]
+    fn the_stream_style_points_primary_conninfo_at_the_spool_server() {
+        let t = StreamTarget {
+            host: "standby-host".into(),
+            port: 5434,
+            user: "waltail".into(),
+            password: Some("it's secret".into()),
+            sslmode: "require".into(),
+            application_name: "s1".into(),
+        };
+        let conf = recovery_settings_with(
+            Path::new("/usr/bin/waltail"),
+            Path::new("/spool"),
+            Style::Stream,
+            Duration::from_millis(100),
+            17,
+            Some(&t),
+        );
+        assert!(
+            conf.contains("primary_conninfo = 'host=standby-host port=5434 user=waltail sslmode=require application_name=s1 password=''it\\\\''s secret'''"),
+            "{conf}"
+        );
+        assert!(conf.contains("--spool /spool --no-partial'"), "{conf}");
+        assert!(
+            conf.contains("wal_retrieve_retry_interval = '1000ms'"),
+            "{conf}"
+        );
     }
 }

@@ -9,14 +9,42 @@ use waltail::load::{self, Acked};
 use waltail::wal::Lsn;
 
 const SECRET: &str = "test-secret-0123456789abcdef";
+/// The password stream-style standbys authenticate with to `receive --serve`.
+pub const SERVE_PASSWORD: &str = "standby password 1";
 
-struct Setup {
-    w: Workdir,
-    primary: Cluster,
-    rx: Daemon,
-    tx: Daemon,
-    spool: std::path::PathBuf,
-    standby: Cluster,
+pub struct Setup {
+    pub w: Workdir,
+    pub primary: Cluster,
+    pub rx: Daemon,
+    pub tx: Daemon,
+    pub spool: std::path::PathBuf,
+    pub standby: Cluster,
+    /// stream style: the address of `receive --serve`.
+    pub serve: Option<String>,
+    /// The receiver's address (for the shipper).
+    pub addr: String,
+}
+
+/// The receiver arguments that serve the spool on `addr` to standbys
+/// authenticating with [`SERVE_PASSWORD`] (its verifier made by `waltail
+/// scram-verifier`).
+pub fn serve_args(w: &Workdir, addr: &str) -> Vec<String> {
+    let pw = w.secret("serve-password", &format!("{SERVE_PASSWORD}\n"));
+    let out = waltail(&["scram-verifier", "--password-file", pw.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verifier = String::from_utf8(out.stdout).unwrap();
+    assert!(verifier.starts_with("SCRAM-SHA-256$4096:"), "{verifier}");
+    let vf = w.secret("serve-verifier", &verifier);
+    vec![
+        "--serve".into(),
+        addr.into(),
+        "--serve-verifier-file".into(),
+        vf.to_str().unwrap().into(),
+    ]
 }
 
 fn setup(name: &str, style: &str) -> Setup {
@@ -25,7 +53,7 @@ fn setup(name: &str, style: &str) -> Setup {
 
 /// `setup` with the primary's WAL segments of `seg_mb` MB and init-standby's
 /// `--method`.
-fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
+pub fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
     let w = Workdir::new();
     let primary = cluster(
         &format!("{name}-primary"),
@@ -36,16 +64,25 @@ fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
     );
     let secret = w.secret("secret", SECRET);
     let spool = w.path("spool");
-    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let serve = (style == "stream")
+        .then(|| format!("127.0.0.1:{}", waltail::pg::cluster::free_port().unwrap()));
+    let extra = serve
+        .as_deref()
+        .map(|a| serve_args(&w, a))
+        .unwrap_or_default();
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &extra);
     let tx = start_shipper(&w, &primary, &addr, &secret, &["--interval", "2ms"]);
     rt().block_on(load::create_table(&primary.conninfo(), "t"))
         .unwrap();
     wait_durable(&spool, flush_lsn(&primary), 30, &[&rx, &tx]);
     let pgdata = w.path("standby");
-    let out = waltail(&[
+    let pw = w.path("serve-password");
+    let conninfo = primary.conninfo();
+    let mut args = vec![
         "init-standby",
         "--primary",
-        &primary.conninfo(),
+        &conninfo,
         "--pgdata",
         pgdata.to_str().unwrap(),
         "--spool",
@@ -54,7 +91,11 @@ fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
         style,
         "--method",
         method,
-    ]);
+    ];
+    if let Some(a) = &serve {
+        args.extend(["--serve", a, "--serve-password-file", pw.to_str().unwrap()]);
+    }
+    let out = waltail(&args);
     assert!(
         out.status.success(),
         "init-standby: {}",
@@ -64,10 +105,10 @@ fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
     if method == "copy" {
         assert!(said.contains("during a low-level backup"), "{said}");
     }
-    let signal = if style == "standby" {
-        "standby.signal"
-    } else {
+    let signal = if style == "recovery" {
         "recovery.signal"
+    } else {
+        "standby.signal"
     };
     assert!(pgdata.join(signal).exists());
     let mut standby = Cluster::adopt(&format!("{name}-standby"), &pgdata).unwrap();
@@ -97,6 +138,8 @@ fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
         tx,
         spool,
         standby,
+        serve,
+        addr,
     }
 }
 
@@ -105,7 +148,7 @@ fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
 /// transaction in progress; the one in the backup's checkpoint may show one
 /// (autovacuum's, say) and an idle primary writes no other, so a checkpoint
 /// on the primary every few seconds writes a fresh one.
-fn start_hot_standby(standby: &mut Cluster, primary: &Cluster) -> anyhow::Result<()> {
+pub fn start_hot_standby(standby: &mut Cluster, primary: &Cluster) -> anyhow::Result<()> {
     standby.spawn()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
@@ -121,7 +164,7 @@ fn start_hot_standby(standby: &mut Cluster, primary: &Cluster) -> anyhow::Result
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -130,7 +173,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 /// Runs the numbered load until `secs` pass or the primary dies.
-fn start_load(
+pub fn start_load(
     conninfo: String,
     secs: u64,
     stop: CancellationToken,
@@ -150,7 +193,7 @@ fn start_load(
 
 /// The newest acked commit whose WAL was durable in the spool at `durable`:
 /// a failover must keep it and every commit before it.
-fn last_durable_commit(acked: &[Acked], durable: Lsn) -> i64 {
+pub fn last_durable_commit(acked: &[Acked], durable: Lsn) -> i64 {
     acked
         .iter()
         .filter(|a| a.lsn_after.is_some_and(|l| l <= durable))
@@ -159,7 +202,7 @@ fn last_durable_commit(acked: &[Acked], durable: Lsn) -> i64 {
         .unwrap_or(0)
 }
 
-fn failover(s: &Setup) -> serde_json::Value {
+pub fn failover(s: &Setup) -> serde_json::Value {
     let out = waltail(&[
         "failover",
         "--spool",
@@ -186,7 +229,15 @@ fn kill_and_fail_over(style: &str, seg_mb: u32) {
     let stop = CancellationToken::new();
     let load = start_load(s.primary.conninfo(), 20, stop.clone());
     std::thread::sleep(Duration::from_millis(2500));
-    if style == "standby" {
+    if style == "stream" {
+        // Through the spool's walsender, not restore_command.
+        let st = s
+            .standby
+            .psql("select status from pg_stat_wal_receiver")
+            .unwrap();
+        assert_eq!(st, "streaming", "standby log:\n{}", s.standby.log_tail(30));
+    }
+    if style != "recovery" {
         // Hot standby sees commits while the primary writes, mid-segment.
         let seen: i64 = s
             .standby
@@ -283,6 +334,13 @@ fn kill_and_fail_over(style: &str, seg_mb: u32) {
 #[test]
 fn kill_and_fail_over_standby_signal_style() {
     kill_and_fail_over("standby", 1);
+}
+
+/// The stream style: the standby streams from `receive --serve`; the
+/// failover fences the spool, lets it replay what is durable, promotes.
+#[test]
+fn kill_and_fail_over_stream_style() {
+    kill_and_fail_over("stream", 1);
 }
 
 #[test]
@@ -662,4 +720,76 @@ fn a_fence_command_decides_whether_the_failover_goes_on() {
         .unwrap()
         .starts_with("127.0.0.1:"));
     assert_eq!(s.standby.psql("select pg_is_in_recovery()").unwrap(), "f");
+}
+
+/// restore copies the received prefix of a 1 GB `.partial` with constant
+/// memory: it runs with its address space limited to 32 MB (RLIMIT_AS),
+/// where a buffer the size of the prefix (about 1 GB) cannot be had. (Its
+/// peak RSS is not read from wait4: after posix_spawn that counts the
+/// parent's pages.) `.history` of a timeline the spool lacks is "not
+/// found" at once.
+#[test]
+fn restore_serves_a_1gb_partial_in_constant_memory() {
+    use waltail::spool::{Spool, SpoolMeta};
+    use waltail::wal::{SegmentName, SegmentNo, SegmentSize, TimelineId};
+    let w = Workdir::new();
+    let dir = w.path("spool");
+    let sp = Spool::create(&dir).unwrap();
+    let seg_size = SegmentSize::new(1 << 30).unwrap();
+    sp.write_meta(&SpoolMeta {
+        system_identifier: "7000000000000000001".into(),
+        segment_size: seg_size.bytes(),
+        pg_version: 150000,
+    })
+    .unwrap();
+    let seg = SegmentName::new(TimelineId(1), SegmentNo(1));
+    let part = std::fs::File::create(sp.partial_path(seg, seg_size)).unwrap();
+    part.set_len(seg_size.bytes()).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&part, b"head", 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&part, b"tail", (1 << 30) - 8192 - 4).unwrap();
+    let received = Lsn(seg.start_lsn(seg_size).0 + (1 << 30) - 8192);
+    Spool::set_position(&sp.position_file().unwrap(), TimelineId(1), received, true).unwrap();
+    let dest = w.path("RECOVERYXLOG");
+    let name = seg.file_name(seg_size);
+    let mut cmd = std::process::Command::new(waltail_bin());
+    cmd.args([
+        "restore",
+        &name,
+        dest.to_str().unwrap(),
+        "--spool",
+        dir.to_str().unwrap(),
+    ]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let lim = libc::rlimit {
+                rlim_cur: 32 << 20,
+                rlim_max: 32 << 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "restore in 32 MB of address space: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::fs::File::open(&dest).unwrap();
+    assert_eq!(out.metadata().unwrap().len(), 1 << 30);
+    let mut b = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&out, &mut b, (1 << 30) - 8192 - 4).unwrap();
+    assert_eq!(&b, b"tail");
+    let o = waltail(&[
+        "restore",
+        "00000007.history",
+        dest.to_str().unwrap(),
+        "--spool",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "not found, at once");
 }

@@ -13,6 +13,7 @@ mod netfault;
 mod ops;
 mod protocol;
 mod safety;
+mod serve;
 mod soak;
 mod standby;
 mod stream;

@@ -41,6 +41,7 @@ pub mod loss;
 pub mod plot;
 pub mod report;
 mod rig;
+pub mod visible;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};

@@ -90,6 +90,7 @@ pub(super) async fn rig(method: Method, exe: &Path) -> Result<Rig> {
                 r.work.path(),
                 &["--interval", &iv, "--wake", wake],
                 run_as,
+                &[],
             )?;
             r.restart = Some((exe.to_path_buf(), pair.receive_args, p("receive2.log")));
             r.children.push(("waltail receive".into(), pair.receive));

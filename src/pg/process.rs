@@ -92,16 +92,58 @@ pub fn start_pair(
     run_as: Option<RunAs>,
 ) -> Result<Pair> {
     let iv = format!("{}ms", interval.as_millis().max(1));
-    start_pair_with(exe, primary_conninfo, work, &["--interval", &iv], run_as)
+    start_pair_with(
+        exe,
+        primary_conninfo,
+        work,
+        &["--interval", &iv],
+        run_as,
+        &[],
+    )
 }
 
-/// As [`start_pair`], with `ship_flags` for the shipper instead of an interval.
+/// What a stream-style standby needs of `receive --serve` on loopback: the
+/// receiver's extra arguments (a verifier for a random password, both
+/// written into `work`) and where the standby connects.
+pub fn serve_on_loopback(
+    work: &Path,
+    run_as: Option<RunAs>,
+) -> Result<(Vec<String>, crate::standby::StreamTarget)> {
+    let port = super::cluster::free_port()?;
+    let mut pw = [0u8; 18];
+    getrandom::getrandom(&mut pw).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+    let password: String = pw.iter().map(|b| format!("{b:02x}")).collect();
+    let vf = work.join("serve-verifier");
+    std::fs::write(&vf, crate::serve::auth::make_verifier(&password))?;
+    if let Some(r) = run_as {
+        r.chown(&vf)?;
+    }
+    let args = vec![
+        "--serve".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--serve-verifier-file".into(),
+        vf.display().to_string(),
+    ];
+    let target = crate::standby::StreamTarget {
+        host: "127.0.0.1".into(),
+        port,
+        user: "waltail".into(),
+        password: Some(password),
+        sslmode: "disable".into(),
+        application_name: "waltail-standby".into(),
+    };
+    Ok((args, target))
+}
+
+/// As [`start_pair`], with `ship_flags` for the shipper instead of an
+/// interval, and more arguments for the receiver (`--serve ...`).
 pub fn start_pair_with(
     exe: &Path,
     primary_conninfo: &str,
     work: &Path,
     ship_flags: &[&str],
     run_as: Option<RunAs>,
+    receive_extra: &[String],
 ) -> Result<Pair> {
     let secret = work.join("secret");
     let mut s = [0u8; 24];
@@ -117,7 +159,7 @@ pub fn start_pair_with(
     let addr = format!("127.0.0.1:{}", super::cluster::free_port()?);
     let owned = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let (sp, sec) = (spool.display().to_string(), secret.display().to_string());
-    let receive_args = owned(&[
+    let mut receive_args = owned(&[
         "receive",
         "--listen",
         &addr,
@@ -126,6 +168,7 @@ pub fn start_pair_with(
         "--secret-file",
         &sec,
     ]);
+    receive_args.extend(receive_extra.iter().cloned());
     let receive = spawn_logged(exe, &receive_args, &work.join("receive.log"), run_as)?;
     wait_until(Duration::from_secs(20), || {
         std::net::TcpStream::connect(&addr).is_ok()

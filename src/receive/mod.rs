@@ -12,7 +12,7 @@
 //!
 //! Acks report only what is fsynced. A burst of frames (a catch-up) is
 //! written on and a sync started when the stream pauses, after 16 MB or
-//! after 4 ms, whichever comes first; a lone range is synced and acked at
+//! after 4 ms (1 ms while under 1 MB), whichever comes first; a lone range is synced and acked at
 //! once. The fdatasync runs on a blocking thread on a duplicate of the
 //! partial's descriptor while the receiver reads and writes the next burst
 //! (at most one sync at a time; what arrived meanwhile is synced as soon as
@@ -54,6 +54,8 @@ pub struct ReceiveConfig {
     pub max_connections: usize,
     /// New values of the limits on SIGHUP (see [`ReceiveLimits`]).
     pub reload: Option<tokio::sync::watch::Receiver<ReceiveLimits>>,
+    /// Serve the spool to standbys over the replication protocol (`--serve`).
+    pub serve: Option<crate::serve::ServeConfig>,
 }
 
 /// The receiver's settings a SIGHUP can change while it runs.
@@ -73,6 +75,7 @@ impl ReceiveConfig {
             idle_timeout: Duration::from_secs(30),
             max_connections: 8,
             reload: None,
+            serve: None,
         }
     }
 }
@@ -85,6 +88,18 @@ struct Shared {
     writer: Mutex<Option<SpoolWriter>>,
     status: std::sync::Mutex<ReceiverStatus>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The durable position, published after every fdatasync that moved it:
+    /// what `--serve` streams up to, and wakes on.
+    durable: tokio::sync::watch::Sender<Option<(TimelineId, crate::wal::Lsn)>>,
+}
+
+impl Shared {
+    fn publish_durable(&self, d: Option<(TimelineId, crate::wal::Lsn)>) {
+        if d.is_some() {
+            self.durable
+                .send_if_modified(|cur| std::mem::replace(cur, d) != d);
+        }
+    }
 }
 
 impl Shared {
@@ -114,6 +129,7 @@ impl Shared {
 /// A bound receiver, ready to run (bind first so callers learn the port).
 pub struct Receiver {
     listener: TcpListener,
+    serve: Option<crate::serve::Server>,
     shared: Arc<Shared>,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -184,16 +200,26 @@ impl Receiver {
             started_at_ms: now_ms(),
             ..Default::default()
         };
+        let (durable, durable_rx) =
+            tokio::sync::watch::channel(crate::serve::initial_position(&spool));
+        let serve = match &cfg.serve {
+            Some(sc) => {
+                Some(crate::serve::Server::bind(sc.clone(), spool.clone(), durable_rx).await?)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             spool,
             writer: Mutex::new(None),
             status: std::sync::Mutex::new(status),
             tls,
             cfg,
+            durable,
         });
         shared.update_status(|_| {});
         Ok(Receiver {
             listener,
+            serve,
             shared,
             _lock: lock,
         })
@@ -205,8 +231,17 @@ impl Receiver {
             .expect("bound listener has an address")
     }
 
+    /// The `--serve` address, when serving standbys.
+    pub fn serve_addr(&self) -> Option<SocketAddr> {
+        self.serve.as_ref().map(|s| s.local_addr())
+    }
+
     /// Serves until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let serving = self
+            .serve
+            .take()
+            .map(|s| tokio::spawn(s.run(shutdown.clone())));
         info!(listen = %self.local_addr(), spool = %self.shared.spool.dir.display(), "receiver listening");
         let mut max = self.shared.cfg.max_connections;
         let slots = Arc::new(Semaphore::new(max));
@@ -258,6 +293,9 @@ impl Receiver {
             s.state = ReceiverState::Stopped;
             s.peer = None;
         });
+        if let Some(h) = serving {
+            let _ = h.await;
+        }
         info!("receiver stopped");
         Ok(())
     }
@@ -340,6 +378,7 @@ async fn session(shared: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) -> 
     // resumes at the durable position, so the writer does too.
     writer.reset_to_durable();
     let position = writer.durable();
+    shared.publish_durable(position);
     w.send(&Frame::Welcome { position }).await?;
     info!(sysid = hello.sysid, tli = %hello.tli, ?position, "shipper admitted");
     shared.update_status(|s| {
@@ -485,7 +524,11 @@ where
         // While more of a burst is arriving, keep writing; a sync starts
         // when the stream pauses or the burst is big or old enough, and runs
         // while the next burst is read. Its ack goes out when it returns.
-        let wait = if unsynced.is_some() { SYNC_DELAY } else { idle };
+        let wait = if unsynced.is_some() {
+            sync_delay(unsynced_bytes)
+        } else {
+            idle
+        };
         let read = tokio::select! {
             biased;
             done = async { match inflight.as_mut() { Some(t) => t.await, None => std::future::pending().await } } => {
@@ -587,7 +630,9 @@ where
         // frame are here already, or arrive without waiting.
         let more = r.buffered() > 0 || r.read_ready().await?;
         if inflight.is_none()
-            && (!more || unsynced_bytes >= SYNC_BYTES || first.elapsed() >= SYNC_DELAY)
+            && (!more
+                || unsynced_bytes >= SYNC_BYTES
+                || first.elapsed() >= sync_delay(unsynced_bytes))
         {
             unsynced = None;
             unsynced_bytes = 0;
@@ -647,6 +692,7 @@ async fn ack<W: tokio::io::AsyncWrite + Unpin>(
 ) -> anyhow::Result<()> {
     let m = crate::metrics::receive();
     let tli = writer.durable().map(|d| d.0).unwrap_or(TimelineId(1));
+    shared.publish_durable(writer.durable());
     w.send(&Frame::Ack { tli, durable }).await?;
     m.acks.inc();
     m.observe(None, Some(durable));
@@ -661,6 +707,19 @@ async fn ack<W: tokio::io::AsyncWrite + Unpin>(
 /// per burst, so a catch-up is not one fdatasync per frame.
 const SYNC_DELAY: Duration = Duration::from_millis(4);
 const SYNC_BYTES: usize = 16 << 20;
+
+/// A burst of small ranges (OLTP commits arriving every millisecond) is
+/// synced after 1 ms, not 4: what a hot standby fed by `--serve` can show
+/// waits for this sync. Large bursts (a catch-up) keep the longer delay.
+const SMALL_BURST: usize = 1 << 20;
+
+fn sync_delay(unsynced_bytes: usize) -> Duration {
+    if unsynced_bytes < SMALL_BURST {
+        Duration::from_millis(1)
+    } else {
+        SYNC_DELAY
+    }
+}
 
 fn open_write_lock(spool: &Spool) -> anyhow::Result<std::fs::File> {
     std::fs::OpenOptions::new()
