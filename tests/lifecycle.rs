@@ -4,19 +4,10 @@
 use std::time::{Duration, Instant};
 
 use crate::util::*;
-use waltail::pg::cluster::{ClusterOptions, RunAs};
+use waltail::pg::cluster::ClusterOptions;
 use waltail::pg::Cluster;
 
 const SECRET: &str = "test-secret-0123456789abcdef";
-
-fn empty_spool(p: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir(p).unwrap();
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700)).unwrap();
-    if let Some(r) = RunAs::for_servers().unwrap() {
-        r.chown(p).unwrap();
-    }
-}
 
 /// Starts a hot standby and waits until it takes queries (checkpoints on
 /// its primary give it a running-transactions record to get there).

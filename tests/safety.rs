@@ -109,15 +109,6 @@ fn copy_spool(from: &Path, to: &Path) {
     );
 }
 
-/// An empty spool directory as the receiver makes one (the server's user, 0700).
-fn empty_spool(p: &Path) {
-    std::fs::create_dir(p).unwrap();
-    set_mode(p, 0o700);
-    if let Some(r) = RunAs::for_servers().unwrap() {
-        r.chown(p).unwrap();
-    }
-}
-
 /// A standby of either style, fed by a spool broken in each way at its first
 /// start, stays in recovery for 30 s and catches up by itself once fixed.
 fn a_broken_spool_never_promotes(style: &str) {

@@ -609,3 +609,13 @@ pub fn sample(text: &str, name: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// An empty spool directory as the receiver makes one: the server's user's, 0700.
+pub fn empty_spool(p: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(p).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if let Some(r) = waltail::pg::cluster::RunAs::for_servers().unwrap() {
+        r.chown(p).unwrap();
+    }
+}
