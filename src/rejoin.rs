@@ -179,14 +179,15 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
     let row = c
         .query_one(
             "SELECT (SELECT timeline_id FROM pg_control_checkpoint()),
-                    substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
+                    pg_walfile_name(pg_current_wal_lsn())",
             &[],
         )
         .await?;
     let control_tli: i32 = row.get(0);
     let name: String = row.get(1);
-    let current_tli = u32::from_str_radix(&name, 16).unwrap_or(0);
-    let checkpointed = (control_tli as u32) < current_tli;
+    let current_tli = crate::pg::client::timeline_of(&name, info.seg_size)
+        .with_context(|| format!("the new primary names its WAL file {name:?}"))?;
+    let checkpointed = (control_tli as u32) < current_tli.0;
     if checkpointed {
         c.batch_execute("CHECKPOINT").await.context(
             "CHECKPOINT on the new primary (its control file still named the old timeline)",
@@ -234,8 +235,8 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
         let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
         text.push_str(&format!(
             "\n# waltail rejoin: WAL the old primary no longer has, for pg_rewind\nrestore_command = '{} restore %f %p --spool {}'\n",
-            exe.display(),
-            w.display()
+            crate::standby::shell_word(exe),
+            crate::standby::shell_word(&w)
         ));
         std::fs::write(&conf, text)?;
         cmd.arg("--restore-target-wal");

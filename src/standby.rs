@@ -137,7 +137,7 @@ impl StreamTarget {
 
 /// A path as a shell word inside a postgresql.conf string: bare when it is
 /// plain, else in double quotes (shell) with single quotes doubled (conf).
-fn shell_word(p: &Path) -> String {
+pub(crate) fn shell_word(p: &Path) -> String {
     let s = p.display().to_string();
     if s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"/._-+".contains(&b))

@@ -184,15 +184,7 @@ async fn native_rig(seg_mb: u32) -> Result<Rig> {
 
 /// CPU seconds of a process and of the children it waited for.
 fn cpu_with_children(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = s
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12) + t(13) + t(14)) / 100.0
+    crate::pg::process::proc_cpu_seconds(pid, true)
 }
 
 /// The standby host's processes of a rig: (label, pid).

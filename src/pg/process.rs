@@ -47,6 +47,12 @@ pub fn wait_until(d: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
 
 /// User plus system CPU seconds a process has used (0 if it is gone).
 pub fn cpu_seconds(pid: u32) -> f64 {
+    proc_cpu_seconds(pid, false)
+}
+
+/// [`cpu_seconds`], plus the CPU of the children it waited for when
+/// `children` (utime, stime, cutime, cstime of `/proc/<pid>/stat`).
+pub fn proc_cpu_seconds(pid: u32, children: bool) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let f: Vec<&str> = s
         .rsplit(')')
@@ -55,7 +61,9 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .split_whitespace()
         .collect();
     let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
+    let own = t(11) + t(12);
+    let waited = if children { t(13) + t(14) } else { 0.0 };
+    (own + waited) / 100.0
 }
 
 /// Resident set size in MB (0 if the process is gone).
