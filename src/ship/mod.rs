@@ -42,31 +42,29 @@
 //! (fenced, wrong cluster) stops the shipper with an error that says what to do.
 
 pub mod poll;
+mod send;
+mod session;
 pub mod source;
 pub mod wake;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
-use tokio::net::TcpStream;
+use anyhow::{anyhow, bail};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::pg::client::{connect, server_info, wal_point, FlushPoint, ServerInfo};
-use crate::proto::conn::{client_auth, HANDSHAKE_TIMEOUT};
+use crate::pg::client::{connect, server_info, wal_point, ServerInfo};
 use crate::proto::tls::TlsOptions;
-use crate::proto::{
-    BoxIo, Frame, FrameReader, FrameWriter, Hello, ProtoError, RefuseCode, Secret, MAX_DATA,
-};
-use crate::spool::now_us;
-use crate::wal::history::{parse_history, switchpoint_of};
-use crate::wal::segment::history_file_name;
-use crate::wal::{Lsn, SegmentName, TimelineId};
+use crate::proto::Secret;
+use crate::wal::{Lsn, TimelineId};
 pub use poll::check_name_quirk;
 use poll::{Backoff, Chase};
+use send::ship_once;
+use session::{open_session, Session};
+pub use session::{Misconfigured, Refused};
 use source::WalSource;
 use wake::{Wake, WakeMode};
 
@@ -143,7 +141,7 @@ pub struct ShipProgress {
 }
 
 /// Why a step failed, which decides what is retried.
-enum Fault {
+pub(super) enum Fault {
     /// The primary connection: reconnect to it.
     Pg(anyhow::Error),
     /// The receiver connection: reconnect to it.
@@ -152,78 +150,13 @@ enum Fault {
     Fatal(anyhow::Error),
 }
 
-struct Primary {
+pub(super) struct Primary {
     client: Client,
     poll: tokio_postgres::Statement,
     info: ServerInfo,
     source: WalSource,
     pg_wal: PathBuf,
     wake: Wake,
-}
-
-struct Session {
-    w: FrameWriter<tokio::io::WriteHalf<BoxIo>>,
-    acks: watch::Receiver<AckState>,
-    reader: tokio::task::JoinHandle<()>,
-    /// Next byte to send.
-    next: (TimelineId, Lsn),
-    last_heartbeat: Instant,
-    /// The last durable position acked, and since when it has not moved.
-    last_ack: (Option<(TimelineId, Lsn)>, Instant),
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-#[derive(Clone, Debug, Default)]
-struct AckState {
-    durable: Option<(TimelineId, Lsn)>,
-    /// Why the receiver's side of the connection ended.
-    closed: Option<String>,
-    /// The receiver's refusal, when it ended with one.
-    refused: Option<(RefuseCode, String)>,
-}
-
-/// The receiver refuses this shipper for good (a fenced spool, another
-/// cluster, a failed authentication): retrying cannot help, an operator
-/// must act. The command exits with its own status for it, which the
-/// systemd unit does not restart on.
-#[derive(Debug, thiserror::Error)]
-#[error("receiver {receiver} refused this shipper: {reason}")]
-pub struct Refused {
-    pub receiver: String,
-    pub code: RefuseCode,
-    pub reason: String,
-}
-
-impl Refused {
-    fn new(cfg: &ShipConfig, code: RefuseCode, reason: String) -> Refused {
-        Refused {
-            receiver: cfg.receiver.clone(),
-            code,
-            reason,
-        }
-    }
-}
-
-/// The two sides' settings cannot work together (TLS on one side only, a
-/// certificate that cannot match): exit 2, as for a bad argument.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Misconfigured(pub String);
-
-/// What a refusal means for the shipper: stop for good, or try again.
-fn refused(cfg: &ShipConfig, code: RefuseCode, reason: String) -> Fault {
-    if code == RefuseCode::Config {
-        Fault::Fatal(Misconfigured(format!("receiver {}: {reason}", cfg.receiver)).into())
-    } else if code.is_permanent() {
-        Fault::Fatal(Refused::new(cfg, code, reason).into())
-    } else {
-        Fault::Receiver(anyhow!("receiver refused: {reason}"))
-    }
 }
 
 /// Runs the shipper until `shutdown` is cancelled or a fatal error.
@@ -500,265 +433,4 @@ async fn open_primary(cfg: &ShipConfig) -> Result<Primary, Fault> {
         pg_wal,
         wake,
     })
-}
-
-async fn connect_receiver(cfg: &ShipConfig) -> Result<BoxIo, Fault> {
-    let sock = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&cfg.receiver))
-        .await
-        .map_err(|_| Fault::Receiver(anyhow!("connecting to {} timed out", cfg.receiver)))?
-        .with_context(|| format!("cannot connect to receiver {}", cfg.receiver))
-        .map_err(Fault::Receiver)?;
-    let _ = sock.set_nodelay(true);
-    let misconfigured = |e: String| Fault::Fatal(Misconfigured(e).into());
-    let host = crate::proto::host_of(&cfg.receiver, "--receiver").map_err(misconfigured)?;
-    match cfg.tls.connector(host).map_err(misconfigured)? {
-        Some((c, name)) => {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, c.connect(name, sock)).await {
-                Err(_) => Err(Fault::Receiver(anyhow!("TLS handshake timed out"))),
-                Ok(Ok(s)) => Ok(Box::new(s)),
-                Ok(Err(e)) => {
-                    use tokio_rustls::rustls::Error as TlsError;
-                    Err(match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
-                    // What came back is not TLS: the receiver speaks plain frames.
-                    Some(TlsError::InvalidMessage(_)) => misconfigured(format!(
-                        "the receiver {} does not speak TLS, and this shipper has --tls-ca: give the receiver --tls-cert and --tls-key, or drop --tls-ca here",
-                        cfg.receiver
-                    )),
-                    Some(TlsError::InvalidCertificate(why)) => misconfigured(format!(
-                        "the receiver {}'s certificate is not accepted ({why:?}): it must be signed by --tls-ca and name {host}",
-                        cfg.receiver
-                    )),
-                    _ => Fault::Receiver(anyhow::Error::new(e).context("TLS handshake with the receiver")),
-                })
-                }
-            }
-        }
-        None => Ok(Box::new(sock)),
-    }
-}
-
-async fn open_session(
-    cfg: &ShipConfig,
-    p: &mut Primary,
-    fp: &FlushPoint,
-    server_tli: TimelineId,
-) -> Result<Session, Fault> {
-    let io = connect_receiver(cfg).await?;
-    let (r, w) = tokio::io::split(io);
-    let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
-    client_auth(&mut r, &mut w, &cfg.secret)
-        .await
-        .map_err(|e| match e {
-            e @ ProtoError::Auth(_) => {
-                crate::metrics::ship().auth_failures.inc();
-                Fault::Fatal(Refused::new(cfg, RefuseCode::Auth, e.to_string()).into())
-            }
-            ProtoError::Refused {
-                code: RefuseCode::Config,
-                reason,
-            } => Fault::Fatal(Misconfigured(format!("receiver {}: {reason}", cfg.receiver)).into()),
-            ProtoError::Refused { code, reason } => {
-                crate::metrics::ship().auth_failures.inc();
-                Fault::Fatal(Refused::new(cfg, code, reason).into())
-            }
-            e => Fault::Receiver(e.into()),
-        })?;
-    let hello = Hello {
-        sysid: p.info.sysid,
-        tli: server_tli,
-        seg_size: p.info.seg_size.bytes() as u32,
-        pg_version: p.info.version_num,
-        flush: fp.lsn,
-    };
-    w.send(&Frame::Hello(hello))
-        .await
-        .map_err(|e| Fault::Receiver(e.into()))?;
-    let position = match r.expect(HANDSHAKE_TIMEOUT, "Welcome").await {
-        Ok(Frame::Welcome { position }) => position,
-        Ok(other) => {
-            return Err(Fault::Receiver(anyhow!(
-                "expected Welcome, got {}",
-                other.name()
-            )))
-        }
-        Err(ProtoError::Refused { code, reason }) => return Err(refused(cfg, code, reason)),
-        Err(e) => return Err(Fault::Receiver(e.into())),
-    };
-    let next = match position {
-        Some(pos) => pos,
-        None => {
-            let start = match cfg.start_lsn {
-                Some(l) => l,
-                None => match &cfg.slot {
-                    Some(slot) => {
-                        let row = p
-                            .client
-                            .query_one("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[slot])
-                            .await
-                            .map_err(|e| Fault::Pg(e.into()))?;
-                        let l: Option<String> = row.get(0);
-                        l.and_then(|l| l.parse().ok()).unwrap_or(fp.lsn)
-                    }
-                    None => fp.lsn,
-                },
-            };
-            let start = start.segment_lsn(p.info.seg_size);
-            info!(%start, "new spool: starting at the beginning of segment {}", SegmentName::of_lsn(server_tli, start, p.info.seg_size).file_name(p.info.seg_size));
-            (server_tli, start)
-        }
-    };
-    let (tx, acks) = watch::channel(AckState {
-        durable: position,
-        ..Default::default()
-    });
-    let reader = tokio::spawn(async move {
-        loop {
-            match r.read_frame().await {
-                Ok(Some(Frame::Ack { tli, durable })) => {
-                    crate::metrics::ship().acks.inc();
-                    tx.send_modify(|a| a.durable = Some((tli, durable)))
-                }
-                Ok(Some(Frame::Refuse { code, reason })) => {
-                    tx.send_modify(|a| {
-                        a.closed = Some(format!("receiver refused: {reason}"));
-                        a.refused = Some((code, reason));
-                    });
-                    return;
-                }
-                Ok(Some(other)) => {
-                    tx.send_modify(|a| {
-                        a.closed = Some(format!(
-                            "unexpected {} frame from the receiver",
-                            other.name()
-                        ))
-                    });
-                    return;
-                }
-                Ok(None) => {
-                    tx.send_modify(|a| a.closed = Some("receiver closed the connection".into()));
-                    return;
-                }
-                Err(e) => {
-                    tx.send_modify(|a| a.closed = Some(e.to_string()));
-                    return;
-                }
-            }
-        }
-    });
-    Ok(Session {
-        w,
-        acks,
-        reader,
-        next,
-        last_heartbeat: Instant::now() - Duration::from_secs(1),
-        last_ack: (None, Instant::now()),
-    })
-}
-
-/// Reads a history file from the primary's pg_wal.
-fn read_history(pg_wal: &std::path::Path, tli: TimelineId) -> Result<Vec<u8>, Fault> {
-    let p = pg_wal.join(history_file_name(tli));
-    std::fs::read(&p)
-        .map_err(|e| Fault::Fatal(anyhow!("cannot read timeline history {}: {e}", p.display())))
-}
-
-/// Sends what was flushed since the last poll, and a heartbeat when due.
-async fn ship_once(
-    cfg: &ShipConfig,
-    p: &mut Primary,
-    s: &mut Session,
-    fp: &FlushPoint,
-    server_tli: TimelineId,
-) -> Result<(), Fault> {
-    let closed = {
-        let a = s.acks.borrow();
-        a.closed.clone().map(|why| (why, a.refused.clone()))
-    };
-    if let Some((why, refusal)) = closed {
-        return Err(match refusal {
-            Some((code, reason)) => refused(cfg, code, reason),
-            None => Fault::Receiver(anyhow!(why)),
-        });
-    }
-    // A link that died without closing: what was sent is never acked.
-    let acked = s.acks.borrow().durable;
-    if acked != s.last_ack.0 {
-        s.last_ack = (acked, Instant::now());
-    } else if acked.map(|a| a.1) < Some(s.next.1) && s.last_ack.1.elapsed() >= cfg.ack_timeout {
-        return Err(Fault::Receiver(anyhow!(
-            "no ack for {:?} while {} is sent and {} acked: the receiver or the link is stuck",
-            cfg.ack_timeout,
-            s.next.1,
-            acked.map_or("nothing".to_string(), |a| a.1.to_string())
-        )));
-    }
-    let seg_size = p.info.seg_size;
-    // The stream is behind the server's timeline: finish the old one up to
-    // its switch point, then move over.
-    let mut end = fp.lsn;
-    if s.next.0 != server_tli {
-        let history = read_history(&p.pg_wal, server_tli)?;
-        let text = String::from_utf8_lossy(&history);
-        let entries = parse_history(&text)
-            .map_err(|e| Fault::Fatal(anyhow!("{}: {e}", history_file_name(server_tli))))?;
-        let Some(sp) = switchpoint_of(&entries, s.next.0) else {
-            return Err(Fault::Fatal(anyhow!(
-                "timeline {} of the spool is not an ancestor of the server's timeline {server_tli}: the spool holds another history",
-                s.next.0
-            )));
-        };
-        if s.next.1 >= sp {
-            // Send every history file from the old timeline's child up.
-            for e in entries
-                .iter()
-                .filter(|e| e.tli > s.next.0)
-                .map(|e| e.tli)
-                .chain([server_tli])
-            {
-                let content = read_history(&p.pg_wal, e)?;
-                s.w.send(&Frame::History { tli: e, content })
-                    .await
-                    .map_err(|e| Fault::Receiver(e.into()))?;
-            }
-            // The new timeline may branch off from the one after ours; find where ours ends.
-            info!(from = %s.next.0, to = %server_tli, switchpoint = %sp, "timeline switch");
-            s.next = (server_tli, sp);
-        } else {
-            end = end.min(sp);
-        }
-    }
-    let (tli, mut at) = s.next;
-    let mut sent = false;
-    while at < end {
-        let seg_end = SegmentName::of_lsn(tli, at, seg_size).end_lsn(seg_size);
-        let to = end.min(seg_end).min(Lsn(at.0 + MAX_DATA as u64));
-        let (got, bytes) = match p.source.read(tli, at, to, end >= seg_end) {
-            Ok(x) => x,
-            Err(e) => return Err(Fault::Fatal(e.into())),
-        };
-        if got <= at {
-            break;
-        }
-        let n = bytes.len() as u64;
-        s.w.send_data(tli, at, bytes)
-            .await
-            .map_err(|e| Fault::Receiver(e.into()))?;
-        crate::metrics::ship().bytes_shipped.inc_by(n);
-        sent = true;
-        at = got;
-        s.next = (tli, at);
-    }
-    if sent {
-        p.source.release_below(at.page_lsn());
-    }
-    if sent || s.last_heartbeat.elapsed() >= cfg.heartbeat {
-        s.w.send(&Frame::Heartbeat {
-            flush: fp.lsn,
-            time_us: now_us(),
-        })
-        .await
-        .map_err(|e| Fault::Receiver(e.into()))?;
-        s.last_heartbeat = Instant::now();
-    }
-    Ok(())
 }
