@@ -231,6 +231,38 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         #[arg(long)]
         json: bool,
     },
+    /// A planned role change with zero loss and no rewind: wait for the stopped primary's shutdown checkpoint in the spool, promote the standby.
+    #[command(
+        after_help = "Example (on the standby's host):\n  waltail switchover --spool /var/lib/waltail/spool --standby 'host=/var/run/postgresql user=postgres' \\\n      --stop-command \"ssh a.example.com sudo -u postgres pg_ctlcluster 15 main stop -m fast\" \\\n      --rejoin-command \"ssh a.example.com sudo -u postgres waltail rejoin --pgdata /var/lib/postgresql/15/main --primary 'host=b.example.com' --spool /var/lib/waltail/spool\"\n\nThe primary must stop cleanly (pg_ctl stop -m fast) with waltail ship running beside it, which then ships its\nshutdown checkpoint. Exit codes: 0 done (a failed rejoin command is reported, the switchover stands), 1 failed,\n2 refused with nothing changed (a live primary, a spool without the shutdown checkpoint, a fenced spool)."
+    )]
+    Switchover {
+        #[arg(long, env = "WALTAIL_SPOOL")]
+        spool: PathBuf,
+        /// conninfo of the standby to promote.
+        #[arg(long)]
+        standby: String,
+        /// conninfo of the old primary: refused while it takes connections.
+        #[arg(long)]
+        primary: Option<String>,
+        /// Stops the old primary cleanly (`sh -c`; exit 0 or nothing is promoted).
+        #[arg(long)]
+        stop_command: Option<String>,
+        /// Run after the promotion to make the old primary follow (`sh -c`), e.g. waltail rejoin over ssh.
+        #[arg(long)]
+        rejoin_command: Option<String>,
+        /// How long to wait for each step.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Physical slot created on the standby before its promotion, for the shipper that will run there.
+        #[arg(long, default_value = "waltail")]
+        slot: String,
+        /// Create no slot on the standby.
+        #[arg(long)]
+        no_slot: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Turn a stopped old primary into a standby of the new primary (pg_rewind, keeping its own configuration).
     #[command(
         after_help = "Example (on the old primary's host, after a failover to B):\n  waltail rejoin --pgdata /var/lib/postgresql/15/main --primary 'host=b.example.com user=postgres' \\\n      --spool /var/lib/waltail/spool --wal-from /mnt/b-spool/archived/2026-12-02T17:00:00Z\n\nNeeds wal_log_hints = on or data checksums (else --allow-rebuild takes a fresh base backup).\nExit codes: 0 done, 1 failed (pg_rewind), 2 a precondition (a running server, another cluster, no hints)."
@@ -746,6 +778,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
         cli.command,
         Command::InitStandby { .. }
             | Command::Rejoin { .. }
+            | Command::Switchover { .. }
             | Command::Demo { .. }
             | Command::Bench { .. }
             | Command::Inspect { .. }
@@ -959,6 +992,41 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                     EXIT_OK
                 }
                 Err(e) => failed("failover", &e),
+            }
+        }
+        Command::Switchover {
+            spool,
+            standby,
+            primary,
+            stop_command,
+            rejoin_command,
+            timeout,
+            slot,
+            no_slot,
+            json,
+        } => {
+            let cfg = crate::switchover::SwitchoverConfig {
+                spool,
+                standby,
+                primary,
+                stop_command,
+                rejoin_command,
+                timeout,
+                slot: (!no_slot).then_some(slot),
+            };
+            match runtime().0.block_on(crate::switchover::run(&cfg)) {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        print!("{}", r.to_text());
+                    }
+                    EXIT_OK
+                }
+                Err(e) if e.downcast_ref::<crate::standby::Precondition>().is_some() => {
+                    bad_input("switchover", e)
+                }
+                Err(e) => failed("switchover", &e),
             }
         }
         Command::Rejoin {

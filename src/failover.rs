@@ -301,7 +301,7 @@ const STANDBY_ANSWER: Duration = Duration::from_secs(10);
 /// but not yet taking connections ("the database system is starting up",
 /// a recovery.signal standby before consistency) answers too: promote()
 /// waits for it and checks again.
-async fn check_standby(conninfo: &str, spool: &Spool) -> Result<()> {
+pub(crate) async fn check_standby(conninfo: &str, spool: &Spool) -> Result<()> {
     let deadline = Instant::now() + STANDBY_ANSWER;
     let c = loop {
         match crate::pg::client::connect(conninfo).await {

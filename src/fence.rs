@@ -47,6 +47,28 @@ pub async fn run(
     primary_addr: Option<&str>,
     timeout: Duration,
 ) -> Result<FenceOutcome> {
+    run_hook(
+        "fence command",
+        "nothing was fenced or promoted: the old primary may still be alive",
+        command,
+        spool,
+        primary_addr,
+        timeout,
+    )
+    .await
+}
+
+/// Runs an operator's hook (`what`: "fence command", "stop command", ...)
+/// with `sh -c`; Ok only when it exited 0 within `timeout`, else an error
+/// that ends with `unchanged` (what its failure left as it was).
+pub async fn run_hook(
+    what: &str,
+    unchanged: &str,
+    command: &str,
+    spool: &Path,
+    primary_addr: Option<&str>,
+    timeout: Duration,
+) -> Result<FenceOutcome> {
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
         .arg(command)
@@ -60,12 +82,10 @@ pub async fn run(
     }
     let child = cmd
         .spawn()
-        .with_context(|| format!("cannot run the fence command {command:?}"))?;
+        .with_context(|| format!("cannot run the {what} {command:?}"))?;
     let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(r) => r.with_context(|| format!("running the fence command {command:?}"))?,
-        Err(_) => bail!(
-            "the fence command {command:?} did not finish within {timeout:?}; nothing was fenced or promoted: the old primary may still be alive"
-        ),
+        Ok(r) => r.with_context(|| format!("running the {what} {command:?}"))?,
+        Err(_) => bail!("the {what} {command:?} did not finish within {timeout:?}; {unchanged}"),
     };
     let mut printed = out.stdout;
     printed.extend_from_slice(&out.stderr);
@@ -76,7 +96,7 @@ pub async fn run(
     };
     if !out.status.success() {
         bail!(
-            "the fence command {command:?} failed ({}){}; nothing was fenced or promoted: the old primary may still be alive",
+            "the {what} {command:?} failed ({}){}; {unchanged}",
             match outcome.exit_code {
                 Some(c) => format!("exit {c}"),
                 None => "killed by a signal".into(),

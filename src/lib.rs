@@ -9,7 +9,8 @@
 //! * [`status`]: `waltail status` and `waltail check`;
 //! * [`metrics`]: the Prometheus metrics and their endpoint;
 //! * [`access`]: ownership and permission checks that name the fix.
-//! * [`serve`]: a walsender for the spool (`receive --serve`).
+//! * [`serve`]: a walsender for the spool (`receive --serve`);
+//! * [`failover`], [`switchover`], [`rejoin`], [`fence`]: the HA lifecycle.
 
 pub mod access;
 pub mod bench;
@@ -32,4 +33,5 @@ pub mod ship;
 pub mod spool;
 pub mod standby;
 pub mod status;
+pub mod switchover;
 pub mod wal;

@@ -145,12 +145,8 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
         major,
         ..PgBin::find().map_err(anyhow::Error::msg)?
     };
-    let cd = control_data(&bin, pgdata)?;
-    let sysid: u64 = field(&cd, "Database system identifier")
-        .and_then(|s| s.parse().ok())
-        .context("pg_controldata shows no system identifier")?;
-    let hints = field(&cd, "wal_log_hints setting") == Some("on");
-    let checksums = field(&cd, "Data page checksum version").is_some_and(|v| v != "0");
+    let ctl = crate::pg::control::read(pgdata).map_err(|e| Precondition(e.to_string()))?;
+    let sysid = ctl.sysid;
     let c = crate::pg::client::connect(o.primary).await?;
     let info = crate::pg::client::server_info(&c).await?;
     if info.sysid != sysid {
@@ -168,6 +164,33 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
         )
         .into());
     }
+    // Stopped cleanly exactly where the new primary's timeline branched
+    // off (a switchover): nothing to rewind.
+    if let Some(sp) = clean_stop_before_fork(&c, &ctl, info.seg_size).await {
+        crate::standby::configure(
+            pgdata,
+            exe,
+            &std::path::absolute(o.spool)?,
+            o.style,
+            Duration::from_millis(100),
+            owner,
+            major,
+        )?;
+        return Ok(RejoinReport {
+            pgdata: pgdata.to_path_buf(),
+            action: "no rewind needed".into(),
+            checkpointed_primary: false,
+            kept: config_files(pgdata),
+            style: o.style.signal_file().into(),
+            pg_rewind_output: format!(
+                "not run: the server stopped cleanly at {} (its shutdown checkpoint), before the new primary's timeline branched off at {sp}",
+                ctl.checkpoint
+            ),
+        });
+    }
+    let cd = control_data(&bin, pgdata)?;
+    let hints = field(&cd, "wal_log_hints setting") == Some("on");
+    let checksums = field(&cd, "Data page checksum version").is_some_and(|v| v != "0");
     if !hints && !checksums && !o.allow_rebuild {
         return Err(Precondition(format!(
             "{} has neither wal_log_hints nor data checksums, so pg_rewind cannot rewind it: rebuild it from a fresh base backup with --allow-rebuild (and set wal_log_hints = on for next time)",
@@ -281,4 +304,38 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
         style: o.style.signal_file().into(),
         pg_rewind_output: said.trim().to_string(),
     })
+}
+
+/// The new primary's switch point off the old primary's timeline, when the
+/// old primary stopped cleanly (a shutdown checkpoint, nothing after it)
+/// before it: then its WAL is a prefix of the new primary's history and it
+/// can follow as it is. None when that cannot be shown (then pg_rewind
+/// decides).
+async fn clean_stop_before_fork(
+    c: &tokio_postgres::Client,
+    ctl: &crate::pg::control::ControlFile,
+    seg_size: crate::wal::SegmentSize,
+) -> Option<crate::wal::Lsn> {
+    if ctl.state != crate::pg::control::DbState::ShutDown {
+        return None;
+    }
+    let name: String = c
+        .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
+        .await
+        .ok()?
+        .get(0);
+    let tli = crate::pg::client::timeline_of(&name, seg_size)?;
+    if tli <= ctl.tli {
+        return None;
+    }
+    let path = format!("pg_wal/{}", crate::wal::segment::history_file_name(tli));
+    let bytes: Vec<u8> = c
+        .query_one("SELECT pg_read_binary_file($1)", &[&path])
+        .await
+        .map_err(|e| tracing::debug!("reading the new primary's {path}: {e}"))
+        .ok()?
+        .get(0);
+    let entries = crate::wal::history::parse_history(&String::from_utf8_lossy(&bytes)).ok()?;
+    let sp = crate::wal::history::switchpoint_of(&entries, ctl.tli)?;
+    (ctl.checkpoint < sp).then_some(sp)
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use crate::util::*;
 use waltail::pg::cluster::ClusterOptions;
 use waltail::pg::Cluster;
+use waltail::wal::Lsn;
 
 const SECRET: &str = "test-secret-0123456789abcdef";
 
@@ -163,4 +164,222 @@ fn a_failed_over_primary_rejoins_as_a_standby_of_the_new_one() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is running"));
+}
+
+/// Where the shutdown checkpoint of the stopped server in `c` ends, by
+/// pg_waldump of its major (its "len (rec/tot)" from the control file's
+/// checkpoint location), or else by `waltail inspect` of the segment.
+fn shutdown_checkpoint_end(c: &Cluster) -> (Lsn, Lsn) {
+    let ctl = waltail::pg::control::read(&c.data).unwrap();
+    assert_eq!(ctl.state, waltail::pg::control::DbState::ShutDown);
+    if let Some(cd) = c.bin.find_tool("pg_controldata") {
+        let out = std::process::Command::new(cd)
+            .arg(&c.data)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            text.contains(&format!(
+                "Latest checkpoint location:           {}",
+                ctl.checkpoint
+            )),
+            "{text}"
+        );
+    }
+    let seg = waltail::wal::SegmentSize::new(1 << 20).unwrap();
+    let name = waltail::wal::SegmentName::of_lsn(ctl.tli, ctl.checkpoint, seg).file_name(seg);
+    let end = match waldump_of(c.bin.major) {
+        Some(wd) => {
+            let out = std::process::Command::new(wd)
+                .args(["-p", c.pg_wal().to_str().unwrap(), "-n", "1", "-t"])
+                .arg(ctl.tli.0.to_string())
+                .arg("-s")
+                .arg(ctl.checkpoint.to_string())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                text.contains("CHECKPOINT_SHUTDOWN"),
+                "{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let tot: u64 = text
+                .split("len (rec/tot):")
+                .nth(1)
+                .and_then(|r| r.split(',').next())
+                .and_then(|r| r.trim().split('/').nth(1))
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no length in {text}"));
+            // The record's bytes, with the page headers of pages it runs into.
+            let (mut pos, mut left) = (ctl.checkpoint.0, tot);
+            loop {
+                let room = 8192 - pos % 8192;
+                if left <= room {
+                    pos += left;
+                    break;
+                }
+                left -= room;
+                pos += room + if pos.is_multiple_of(1 << 20) { 40 } else { 24 };
+            }
+            Lsn(pos.div_ceil(8) * 8)
+        }
+        None => {
+            let r = inspect_json(&c.pg_wal().join(&name)).unwrap();
+            assert_eq!(r["last_record_lsn"], ctl.checkpoint.to_string(), "{r}");
+            r["end_lsn"].as_str().unwrap().parse().unwrap()
+        }
+    };
+    (ctl.checkpoint, end)
+}
+
+fn run_ok(args: &[&str]) -> serde_json::Value {
+    let out = waltail(args);
+    assert!(
+        out.status.success(),
+        "waltail {}: {}",
+        args[0],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "waltail {} printed no JSON ({e}): {}",
+            args[0],
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// A clean stop ships the shutdown checkpoint; with it, a switchover loses
+/// nothing and the old primary follows without a rewind; and back again.
+#[test]
+fn a_clean_switchover_and_switchback_lose_nothing_and_need_no_rewind() {
+    let w = Workdir::new();
+    let mut a = cluster(
+        "switch-a",
+        ClusterOptions {
+            wal_segsize_mb: 1,
+            ..Default::default()
+        },
+    );
+    let secret = w.secret("secret", SECRET);
+    let spool_b = w.path("spool-b");
+    let (mut rx_b, addr_b) = start_receiver(&w, &spool_b, &secret, &[]);
+    let mut tx_a = start_shipper(&w, &a, &addr_b, &secret, &[]);
+    a.psql("create table t(i int); insert into t select generate_series(1, 100)")
+        .unwrap();
+    wait_durable(&spool_b, flush_lsn(&a), 30, &[&rx_b, &tx_a]);
+    let b_data = w.path("b");
+    let out = waltail(&[
+        "init-standby",
+        "--primary",
+        &a.conninfo(),
+        "--pgdata",
+        b_data.to_str().unwrap(),
+        "--spool",
+        spool_b.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut b = Cluster::adopt("switch-b", &b_data).unwrap();
+    start_standby(&mut b, &a);
+    for i in 0..20 {
+        a.psql(&format!("insert into t values ({})", 200 + i))
+            .unwrap();
+    }
+    // 1. A stops cleanly: the spool ends exactly with its shutdown checkpoint.
+    a.stop().unwrap();
+    let (ckpt, end) = shutdown_checkpoint_end(&a);
+    wait_durable(&spool_b, end, 30, &[&rx_b, &tx_a]);
+    assert_eq!(spool_position(&spool_b).map(|p| p.1), Some(end));
+    tx_a.wait_log(&["shutdown checkpoint is durable"], 10);
+    // 2. Switchover to B: 0 bytes lost, the new timeline begins at the end.
+    let r = run_ok(&[
+        "switchover",
+        "--spool",
+        spool_b.to_str().unwrap(),
+        "--standby",
+        &b.conninfo(),
+        "--primary",
+        &a.conninfo(),
+        "--json",
+    ]);
+    assert_eq!(r["switch_lsn"], end.to_string(), "{r}");
+    assert_eq!(r["shutdown_checkpoint"], ckpt.to_string(), "{r}");
+    assert_eq!(r["bytes_discarded"], 0, "{r}");
+    assert_eq!(r["new_timeline"], 2, "{r}");
+    assert_eq!(b.psql("select count(*) from t").unwrap(), "120");
+    assert_eq!(b.psql("select pg_is_in_recovery()").unwrap(), "f");
+    // 3. The way back: B ships to a spool on A's side (from the slot the
+    // switchover made), and A rejoins without pg_rewind.
+    tx_a.kill9();
+    let spool_a = w.path("spool-a");
+    empty_spool(&spool_a);
+    let (rx_a, addr_a) = start_receiver(&w, &spool_a, &secret, &[]);
+    let mut tx_b = start_shipper(&w, &b, &addr_a, &secret, &[]);
+    b.psql("insert into t select generate_series(1001, 1010)")
+        .unwrap();
+    wait_durable(&spool_a, flush_lsn(&b), 30, &[&rx_a, &tx_b]);
+    let r = run_ok(&[
+        "rejoin",
+        "--pgdata",
+        a.data.to_str().unwrap(),
+        "--primary",
+        &b.conninfo(),
+        "--spool",
+        spool_a.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r["action"], "no rewind needed", "{r}");
+    start_standby(&mut a, &b);
+    wait_rows(&a, "select count(*) from t", "130", 60);
+    assert_eq!(a.psql("select pg_is_in_recovery()").unwrap(), "t");
+    // 4. Switch back: B stops cleanly, A takes over, nothing lost.
+    for i in 0..10 {
+        b.psql(&format!("insert into t values ({})", 2000 + i))
+            .unwrap();
+    }
+    b.stop().unwrap();
+    let (_, end_b) = shutdown_checkpoint_end(&b);
+    let r = run_ok(&[
+        "switchover",
+        "--spool",
+        spool_a.to_str().unwrap(),
+        "--standby",
+        &a.conninfo(),
+        "--json",
+    ]);
+    assert_eq!(r["switch_lsn"], end_b.to_string(), "{r}");
+    assert_eq!(r["new_timeline"], 3, "{r}");
+    assert_eq!(a.psql("select count(*) from t").unwrap(), "140");
+    // 5. B follows A again, on the spool it had, reset for the new primary.
+    tx_b.kill9();
+    rx_b.terminate();
+    run_ok(&[
+        "spool",
+        "reset",
+        "--spool",
+        spool_b.to_str().unwrap(),
+        "--json",
+    ]);
+    let (rx_b2, addr_b2) = start_receiver(&w, &spool_b, &secret, &[]);
+    let tx_a2 = start_shipper(&w, &a, &addr_b2, &secret, &[]);
+    a.psql("insert into t values (3000)").unwrap();
+    wait_durable(&spool_b, flush_lsn(&a), 30, &[&rx_b2, &tx_a2]);
+    let r = run_ok(&[
+        "rejoin",
+        "--pgdata",
+        b.data.to_str().unwrap(),
+        "--primary",
+        &a.conninfo(),
+        "--spool",
+        spool_b.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r["action"], "no rewind needed", "{r}");
+    start_standby(&mut b, &a);
+    wait_rows(&b, "select count(*) from t", "141", 60);
+    drop(rx_a);
 }

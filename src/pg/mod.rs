@@ -3,12 +3,14 @@
 //! * [`bin`]: finding the server binaries of an installed PostgreSQL;
 //! * [`cluster`]: throwaway clusters (initdb, start, stop, kill, base backups)
 //!   on free loopback ports, used by `waltail demo`, `waltail bench` and the tests;
-//! * [`backup`]: base backups by copying the data directory (same host).
+//! * [`backup`]: base backups by copying the data directory (same host);
+//! * [`control`]: the control file and `postmaster.pid`, read without the server.
 
 pub mod backup;
 pub mod bin;
 pub mod client;
 pub mod cluster;
+pub mod control;
 pub mod process;
 
 pub use bin::PgBin;

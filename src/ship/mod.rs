@@ -45,6 +45,7 @@ pub mod poll;
 mod send;
 mod session;
 pub mod source;
+mod stop;
 pub mod wake;
 
 use std::path::PathBuf;
@@ -252,8 +253,30 @@ pub async fn run(
                 fp
             }
             Err(e) => {
+                warn!("lost the primary ({e:#})");
+                if let Some(s) = session.as_mut() {
+                    match stop::ship_shutdown_checkpoint(&cfg, p, s, &shutdown).await {
+                        Ok(Some(_)) => {
+                            let acked = s.acks.borrow().durable;
+                            m.observe(s.next.1, s.next.1, acked.map(|d| d.1));
+                            progress.send_modify(|x| {
+                                x.primary_flush = Some(s.next.1);
+                                x.shipped = Some(s.next);
+                                x.durable = acked;
+                            });
+                        }
+                        Ok(None) => {}
+                        Err(Fault::Fatal(e)) => return Err(e),
+                        Err(Fault::Pg(e)) | Err(Fault::Receiver(e)) => {
+                            warn!(
+                                "lost the receiver while shipping the shutdown checkpoint ({e:#})"
+                            );
+                            session = None;
+                        }
+                    }
+                }
                 let wait = pg_backoff.fail();
-                warn!("lost the primary ({e:#}); reconnecting in {wait:?}");
+                info!("reconnecting to the primary in {wait:?}");
                 primary = None;
                 continue;
             }

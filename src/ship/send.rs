@@ -53,7 +53,6 @@ pub(super) async fn ship_once(
             acked.map_or("nothing".to_string(), |a| a.1.to_string())
         )));
     }
-    let seg_size = p.info.seg_size;
     // The stream is behind the server's timeline: finish the old one up to
     // its switch point, then move over.
     let mut end = fp.lsn;
@@ -88,6 +87,24 @@ pub(super) async fn ship_once(
             end = end.min(sp);
         }
     }
+    let sent = send_upto(p, s, end).await?;
+    if sent || s.last_heartbeat.elapsed() >= cfg.heartbeat {
+        s.w.send(&Frame::Heartbeat {
+            flush: fp.lsn,
+            time_us: now_us(),
+        })
+        .await
+        .map_err(|e| Fault::Receiver(e.into()))?;
+        s.last_heartbeat = Instant::now();
+    }
+    Ok(())
+}
+
+/// Sends the stream's timeline from where it stands up to `end`, which
+/// must be flushed; whole segments are finished, padding included, before
+/// the next one starts. Returns whether anything was sent.
+pub(super) async fn send_upto(p: &mut Primary, s: &mut Session, end: Lsn) -> Result<bool, Fault> {
+    let seg_size = p.info.seg_size;
     let (tli, mut at) = s.next;
     let mut sent = false;
     while at < end {
@@ -112,14 +129,5 @@ pub(super) async fn ship_once(
     if sent {
         p.source.release_below(at.page_lsn());
     }
-    if sent || s.last_heartbeat.elapsed() >= cfg.heartbeat {
-        s.w.send(&Frame::Heartbeat {
-            flush: fp.lsn,
-            time_us: now_us(),
-        })
-        .await
-        .map_err(|e| Fault::Receiver(e.into()))?;
-        s.last_heartbeat = Instant::now();
-    }
-    Ok(())
+    Ok(sent)
 }

@@ -11,10 +11,13 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::info;
 
+use super::send::read_history;
 use super::{Fault, Primary, ShipConfig};
 use crate::pg::client::FlushPoint;
 use crate::proto::conn::{client_auth, HANDSHAKE_TIMEOUT};
 use crate::proto::{BoxIo, Frame, FrameReader, FrameWriter, Hello, ProtoError, RefuseCode};
+use crate::wal::history::parse_history;
+use crate::wal::segment::history_file_name;
 use crate::wal::{Lsn, SegmentName, TimelineId};
 
 pub(super) struct Session {
@@ -182,6 +185,18 @@ pub(super) async fn open_session(
                     None => fp.lsn,
                 },
             };
+            // A spool that starts on a later timeline starts no earlier
+            // than that timeline does: the segments before belong to the
+            // older timelines, under their names.
+            let (start, history) = match timeline_start(p, server_tli)? {
+                Some((begins, files)) => (start.max(begins), files),
+                None => (start, vec![]),
+            };
+            for (tli, content) in history {
+                w.send(&Frame::History { tli, content })
+                    .await
+                    .map_err(|e| Fault::Receiver(e.into()))?;
+            }
             let start = start.segment_lsn(p.info.seg_size);
             info!(%start, "new spool: starting at the beginning of segment {}", SegmentName::of_lsn(server_tli, start, p.info.seg_size).file_name(p.info.seg_size));
             (server_tli, start)
@@ -233,4 +248,35 @@ pub(super) async fn open_session(
         last_heartbeat: Instant::now() - Duration::from_secs(1),
         last_ack: (None, Instant::now()),
     })
+}
+
+/// Where the server's timeline `tli` begins (its switch point from the
+/// parent), with the history files a standby on it needs: `tli`'s own, and
+/// its ancestors' that pg_wal still has. None on timeline 1.
+fn timeline_start(
+    p: &Primary,
+    tli: TimelineId,
+) -> Result<Option<(Lsn, Vec<(TimelineId, Vec<u8>)>)>, Fault> {
+    if tli.0 <= 1 {
+        return Ok(None);
+    }
+    let own = read_history(&p.pg_wal, tli)?;
+    let entries = parse_history(&String::from_utf8_lossy(&own))
+        .map_err(|e| Fault::Fatal(anyhow!("{}: {e}", history_file_name(tli))))?;
+    let begins = entries
+        .iter()
+        .map(|e| e.switchpoint)
+        .max()
+        .unwrap_or(Lsn(0));
+    let mut files: Vec<(TimelineId, Vec<u8>)> = entries
+        .iter()
+        .filter(|e| e.tli.0 > 1)
+        .filter_map(|e| {
+            std::fs::read(p.pg_wal.join(history_file_name(e.tli)))
+                .ok()
+                .map(|c| (e.tli, c))
+        })
+        .collect();
+    files.push((tli, own));
+    Ok(Some((begins, files)))
 }

@@ -15,8 +15,10 @@ use memmap2::Mmap;
 
 use crate::fsio::map_readonly;
 use crate::wal::page::{SIZE_OF_LONG_PHD, SIZE_OF_SHORT_PHD};
-use crate::wal::scan::check_page_headers;
-use crate::wal::{Lsn, PageChecker, PageError, SegmentName, SegmentSize, TimelineId};
+use crate::wal::scan::{check_page_headers, Record};
+use crate::wal::{
+    Lsn, PageChecker, PageError, ScanConfig, Scanner, SegmentName, SegmentSize, TimelineId, WalView,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -81,6 +83,40 @@ impl WalSource {
             self.cur = Some((seg, m));
         }
         Ok(&self.cur.as_ref().expect("mapped above").1)
+    }
+
+    /// The complete, valid record that starts at `lsn` on timeline `tli`
+    /// (read from a copy of at most a few pages, so a record that runs into
+    /// the next segment is read whole), or why there is none.
+    pub fn record_at(
+        &mut self,
+        tli: TimelineId,
+        lsn: Lsn,
+    ) -> Result<Result<Record, String>, SourceError> {
+        const WINDOW: u64 = 64 * 1024;
+        let seg_size = self.seg_size;
+        let seg = SegmentName::of_lsn(tli, lsn, seg_size);
+        let seg_start = seg.start_lsn(seg_size);
+        let page = lsn.page_lsn();
+        let to = seg.end_lsn(seg_size).min(Lsn(page.0 + WINDOW));
+        let map = self.map(seg)?;
+        let mut bytes =
+            map[(page.0 - seg_start.0) as usize..(to.0 - seg_start.0) as usize].to_vec();
+        if to == seg.end_lsn(seg_size) {
+            let next = SegmentName::of_lsn(tli, to, seg_size);
+            if let Ok(m) = self.map(next) {
+                bytes.extend_from_slice(&m[..(WINDOW as usize).min(m.len())]);
+            }
+        }
+        let Some(view) = WalView::new(page, &bytes) else {
+            return Ok(Err(format!("{lsn} gives no view of WAL")));
+        };
+        let mut cfg = ScanConfig::new(seg_size);
+        cfg.sysid = Some(self.sysid);
+        cfg.max_tli = Some(tli);
+        Ok(Scanner::at_record(view, cfg, lsn, None)
+            .next_record()
+            .map_err(|e| e.to_string()))
     }
 
     /// Lets go of the mapped pages below `upto` (already sent), keeping the

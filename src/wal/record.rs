@@ -23,6 +23,8 @@ pub const SIZE_OF_XLOG_RECORD: usize = 24;
 pub const XL_CRC_OFFSET: usize = 20;
 pub const RM_XLOG_ID: u8 = 0;
 pub const XLOG_SWITCH: u8 = 0x40;
+/// The checkpoint a clean shutdown writes last.
+pub const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
 /// Written by crash recovery where a record was abandoned mid-way.
 pub const XLOG_OVERWRITE_CONTRECORD: u8 = 0xD0;
 pub const XLR_INFO_MASK: u8 = 0x0F;
@@ -73,6 +75,11 @@ impl RecordHeader {
     /// An `XLOG_SWITCH` record: WAL after it is padding to the segment's end.
     pub fn is_switch(&self) -> bool {
         self.rmid == RM_XLOG_ID && (self.info & !XLR_INFO_MASK) == XLOG_SWITCH
+    }
+
+    /// The checkpoint record a clean shutdown writes as the last of its WAL.
+    pub fn is_shutdown_checkpoint(&self) -> bool {
+        self.rmid == RM_XLOG_ID && (self.info & !XLR_INFO_MASK) == XLOG_CHECKPOINT_SHUTDOWN
     }
 
     /// `RmgrIdIsValid` of the given major version: built-in ids, plus the

@@ -616,6 +616,9 @@ pub struct ScanSummary {
     pub records: u64,
     pub first_record: Option<Lsn>,
     pub last_record: Option<Lsn>,
+    /// The last record's header (a shutdown checkpoint at the very end says
+    /// the primary stopped cleanly there).
+    pub last_header: Option<RecordHeader>,
     /// Where the next record would start: keep the bytes before this LSN.
     pub end_lsn: Lsn,
     pub end: End,
@@ -657,6 +660,7 @@ impl ScanSummary {
             records,
             first_record,
             last_record: last.map(|r| r.lsn),
+            last_header: last.map(|r| r.header),
             end_lsn,
             end: e,
         }
@@ -674,6 +678,7 @@ pub fn scan_segment(seg_start: Lsn, bytes: &[u8], mut cfg: ScanConfig) -> ScanSu
             records: 0,
             first_record: None,
             last_record: None,
+            last_header: None,
             end_lsn: seg_start,
             end: end(
                 EndKind::BadPageHeader,
