@@ -383,3 +383,80 @@ fn a_clean_switchover_and_switchback_lose_nothing_and_need_no_rewind() {
     wait_rows(&b, "select count(*) from t", "141", 60);
     drop(rx_a);
 }
+
+/// A switchover needs the primary stopped cleanly: while it runs, or after
+/// it crashed, switchover refuses (exit 2) and changes nothing.
+#[test]
+fn switchover_refuses_a_running_or_crashed_primary_and_changes_nothing() {
+    let w = Workdir::new();
+    let mut a = small_cluster("switch-refuse-a");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let tx = start_shipper(&w, &a, &addr, &secret, &[]);
+    a.psql("create table t(i int); insert into t select generate_series(1, 10)")
+        .unwrap();
+    wait_durable(&spool, flush_lsn(&a), 30, &[&rx, &tx]);
+    let b_data = w.path("b");
+    let out = waltail(&[
+        "init-standby",
+        "--primary",
+        &a.conninfo(),
+        "--pgdata",
+        b_data.to_str().unwrap(),
+        "--spool",
+        spool.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut b = Cluster::adopt("switch-refuse-b", &b_data).unwrap();
+    start_standby(&mut b, &a);
+    let switchover = |extra: &[&str]| {
+        let mut args = vec![
+            "switchover",
+            "--spool",
+            spool.to_str().unwrap(),
+            "--timeout",
+            "2s",
+        ];
+        let standby = b.conninfo();
+        args.extend(["--standby", standby.as_str()]);
+        args.extend(extra);
+        waltail(&args)
+    };
+    let unchanged = |b: &Cluster| {
+        assert!(!spool.join("FENCED").exists(), "the spool was fenced");
+        assert_eq!(b.psql("select pg_is_in_recovery()").unwrap(), "t");
+    };
+    // Running, and named: refused at once.
+    let out = switchover(&["--primary", &a.conninfo()]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("still takes connections"), "{err}");
+    unchanged(&b);
+    // Running, not named: the spool does not end with a shutdown checkpoint.
+    let out = switchover(&[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("shutdown checkpoint"), "{err}");
+    unchanged(&b);
+    // A stop command that fails: nothing promoted.
+    let out = switchover(&["--stop-command", "echo cannot reach a >&2; exit 4"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("exit 4") && err.contains("nothing was promoted"),
+        "{err}"
+    );
+    unchanged(&b);
+    // Crashed: no shutdown checkpoint, refused; failover is the way.
+    a.kill();
+    let out = switchover(&[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("use waltail failover"), "{err}");
+    unchanged(&b);
+}

@@ -497,7 +497,11 @@ fn a_fenced_spool_stops_the_shipper_for_good_with_exit_3_until_it_is_reset() {
     c.psql("insert into t values (1)").unwrap();
     // Exit 3: refused for good, which the systemd unit does not restart.
     assert_eq!(tx.wait_exit(30), Some(3), "{}", tx.log_text());
-    assert!(tx.log_text().contains("fenced"), "{}", tx.log_text());
+    assert!(
+        tx.log_text().contains("fenced") && tx.log_text().contains("waltail rejoin"),
+        "{}",
+        tx.log_text()
+    );
     assert_eq!(spool_position(&spool), before, "WAL taken after the fence");
     // A new shipper is refused at once, the same way.
     let mut again = start_shipper(&w, &c, &addr, &secret, &[]);

@@ -59,7 +59,10 @@ pub struct Refused {
 }
 
 impl Refused {
-    pub(super) fn new(cfg: &ShipConfig, code: RefuseCode, reason: String) -> Refused {
+    pub(super) fn new(cfg: &ShipConfig, code: RefuseCode, mut reason: String) -> Refused {
+        if code == RefuseCode::Fenced {
+            reason.push_str(". Its standby was promoted (failover or switchover), so this server must not be written to as the primary any more: stop it, make it a standby of the new primary with `waltail rejoin --pgdata <this data directory> --primary <new primary> --spool <its spool>`, and on the standby's host run `waltail spool reset` before shipping to it again");
+        }
         Refused {
             receiver: cfg.receiver.clone(),
             code,
