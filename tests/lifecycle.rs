@@ -219,7 +219,8 @@ fn shutdown_checkpoint_end(c: &Cluster) -> (Lsn, Lsn) {
                     break;
                 }
                 left -= room;
-                pos += room + if pos.is_multiple_of(1 << 20) { 40 } else { 24 };
+                pos += room;
+                pos += if pos % (1 << 20) == 0 { 40 } else { 24 };
             }
             Lsn(pos.div_ceil(8) * 8)
         }

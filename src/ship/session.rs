@@ -253,13 +253,13 @@ pub(super) async fn open_session(
     })
 }
 
+/// A timeline history file: its timeline and contents.
+type HistoryFile = (TimelineId, Vec<u8>);
+
 /// Where the server's timeline `tli` begins (its switch point from the
 /// parent), with the history files a standby on it needs: `tli`'s own, and
 /// its ancestors' that pg_wal still has. None on timeline 1.
-fn timeline_start(
-    p: &Primary,
-    tli: TimelineId,
-) -> Result<Option<(Lsn, Vec<(TimelineId, Vec<u8>)>)>, Fault> {
+fn timeline_start(p: &Primary, tli: TimelineId) -> Result<Option<(Lsn, Vec<HistoryFile>)>, Fault> {
     if tli.0 <= 1 {
         return Ok(None);
     }
@@ -271,7 +271,7 @@ fn timeline_start(
         .map(|e| e.switchpoint)
         .max()
         .unwrap_or(Lsn(0));
-    let mut files: Vec<(TimelineId, Vec<u8>)> = entries
+    let mut files: Vec<HistoryFile> = entries
         .iter()
         .filter(|e| e.tli.0 > 1)
         .filter_map(|e| {
