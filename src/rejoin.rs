@@ -8,19 +8,23 @@
 //!    checksums, without which pg_rewind cannot work (then only
 //!    `--allow-rebuild` goes on, with a fresh base backup as `init-standby
 //!    --force` takes it).
-//! 2. **Checkpoint the new primary** when its control file still names an
+//! 2. **No rewind when none is needed**: an old primary that stopped cleanly
+//!    (its control file says "shut down") before the new primary's timeline
+//!    branched off, as after `waltail switchover`, holds a prefix of the new
+//!    primary's history: it is configured as a standby, pg_rewind is not run.
+//! 3. **Checkpoint the new primary** when its control file still names an
 //!    older timeline than the one it writes (true until the first checkpoint
 //!    after `pg_promote()`): pg_rewind reads the timeline from there and would
 //!    otherwise say "no rewind required".
-//! 3. **Rewind**: keep the node's own configuration files (pg_rewind copies
+//! 4. **Rewind**: keep the node's own configuration files (pg_rewind copies
 //!    the source's over them), point its restore_command at `--wal-from` (a
 //!    spool, or an archived one, holding the old primary's WAL) when given,
 //!    and run pg_rewind `--restore-target-wal` with it; so WAL the old primary
 //!    already recycled comes from the spool.
-//! 4. **Configure**: put the node's files back and write the standby
+//! 5. **Configure**: put the node's files back and write the standby
 //!    settings of the chosen style with its spool ([`crate::standby::configure`]).
 //!
-//! The report says what was done. A failure before step 3 changes nothing.
+//! The report says what was done. A failure before step 4 changes nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -36,6 +36,12 @@
 //! at once) is advanced to what the receiver acked as durable, so the primary
 //! keeps every segment not yet shipped.
 //!
+//! A clean stop: the shutdown checkpoint comes after the shipper's session
+//! was ended, so when the connection breaks the shipper reads the primary's
+//! control file, and once it says "shut down" ships up to the end of that
+//! checkpoint record ([`stop`]): the spool then holds all of the primary's
+//! WAL, for `waltail switchover`.
+//!
 //! Faults: a lost primary or receiver connection is retried with backoff
 //! (logged), resuming at the receiver's durable position. WAL that is gone
 //! before it was shipped, another cluster, or a refusal by the receiver
