@@ -426,6 +426,9 @@ the server's user cannot read), with nothing written."
         /// stream style: libpq sslmode of primary_conninfo.
         #[arg(long, default_value = "prefer")]
         sslmode: String,
+        /// stream style: libpq sslrootcert, the CA of the serve certificate (needed by verify-ca, verify-full).
+        #[arg(long)]
+        sslrootcert: Option<PathBuf>,
         /// stream style: application_name of the standby's walreceiver.
         #[arg(long, default_value = "waltail-standby")]
         application_name: String,
@@ -1191,6 +1194,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             serve_user,
             serve_password_file,
             sslmode,
+            sslrootcert,
             application_name,
         } => {
             let target = match &serve {
@@ -1209,14 +1213,19 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                             }
                         },
                     };
-                    Some(crate::standby::StreamTarget {
+                    let t = crate::standby::StreamTarget {
                         host,
                         port,
                         user: serve_user,
                         password,
                         sslmode,
+                        sslrootcert: sslrootcert.map(|p| std::path::absolute(&p).unwrap_or(p)),
                         application_name,
-                    })
+                    };
+                    if let Err(e) = t.check() {
+                        return bad_input("init-standby", e);
+                    }
+                    Some(t)
                 }
             };
             if style == crate::standby::Style::Stream && target.is_none() {

@@ -83,6 +83,9 @@ pub struct StreamTarget {
     pub password: Option<String>,
     /// libpq sslmode (disable, prefer, require, verify-ca, verify-full).
     pub sslmode: String,
+    /// libpq sslrootcert: the CA that signed the serve certificate (for
+    /// verify-ca and verify-full).
+    pub sslrootcert: Option<PathBuf>,
     pub application_name: String,
 }
 
@@ -128,10 +131,44 @@ impl StreamTarget {
             conninfo_value(&self.sslmode),
             conninfo_value(&self.application_name)
         );
+        if let Some(r) = &self.sslrootcert {
+            c.push_str(&format!(
+                " sslrootcert={}",
+                conninfo_value(&r.to_string_lossy())
+            ));
+        }
         if let Some(p) = &self.password {
             c.push_str(&format!(" password={}", conninfo_value(p)));
         }
         c
+    }
+
+    /// Settings libpq would reject only once the standby runs: an unknown
+    /// sslmode, or verify-ca/verify-full without the CA to verify with.
+    pub fn check(&self) -> Result<(), String> {
+        const MODES: [&str; 6] = [
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ];
+        if !MODES.contains(&self.sslmode.as_str()) {
+            return Err(format!(
+                "--sslmode {:?} is not one of {}",
+                self.sslmode,
+                MODES.join(", ")
+            ));
+        }
+        match &self.sslrootcert {
+            None if self.sslmode.starts_with("verify") => Err(format!(
+                "--sslmode {} needs --sslrootcert FILE: the CA that signed the certificate of `receive --serve` (its --tls-cert)",
+                self.sslmode
+            )),
+            Some(r) if !r.is_file() => Err(format!("--sslrootcert {}: no such file", r.display())),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -619,7 +656,8 @@ mod tests {
             port: 5434,
             user: "waltail".into(),
             password: Some("it's secret".into()),
-            sslmode: "require".into(),
+            sslmode: "verify-full".into(),
+            sslrootcert: Some("/etc/waltail/ca.pem".into()),
             application_name: "s1".into(),
         };
         let conf = recovery_settings_with(
@@ -631,7 +669,7 @@ mod tests {
             Some(&t),
         );
         assert!(
-            conf.contains("primary_conninfo = 'host=standby-host port=5434 user=waltail sslmode=require application_name=s1 password=''it\\\\''s secret'''"),
+            conf.contains("primary_conninfo = 'host=standby-host port=5434 user=waltail sslmode=verify-full application_name=s1 sslrootcert=/etc/waltail/ca.pem password=''it\\\\''s secret'''"),
             "{conf}"
         );
         assert!(conf.contains("--spool /spool --no-partial'"), "{conf}");

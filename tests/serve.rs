@@ -383,4 +383,73 @@ fn tls_is_served_with_the_receivers_certificate_and_required() {
     let (ok, _, err) = psql_replication(&serve, "waltail", SERVE_PASSWORD, "IDENTIFY_SYSTEM");
     assert!(!ok);
     assert!(err.contains("over TLS only"), "{err}");
+    // verify-full checks the serve certificate against the CA and the name.
+    let (ok, _, err) = psql_replication_with(
+        &serve,
+        "waltail",
+        SERVE_PASSWORD,
+        &format!("sslmode=verify-full sslrootcert={}", ca.display()),
+        "IDENTIFY_SYSTEM",
+    );
+    assert!(ok, "{err}");
+    let (other_ca, _, _) = crate::stream::make_tls(&w, "other-");
+    let (ok, _, err) = psql_replication_with(
+        &serve,
+        "waltail",
+        SERVE_PASSWORD,
+        &format!("sslmode=verify-full sslrootcert={}", other_ca.display()),
+        "IDENTIFY_SYSTEM",
+    );
+    assert!(!ok && err.contains("certificate"), "{err}");
+    // A stream-style standby made with verify-full streams over it.
+    let pgdata = w.path("standby");
+    let pw = w.path("serve-password");
+    let conninfo = primary.conninfo();
+    let init = |extra: &[&str]| {
+        let mut args = vec![
+            "init-standby",
+            "--primary",
+            &conninfo,
+            "--pgdata",
+            pgdata.to_str().unwrap(),
+            "--spool",
+            spool.to_str().unwrap(),
+            "--style",
+            "stream",
+            "--serve",
+            &serve,
+            "--serve-password-file",
+            pw.to_str().unwrap(),
+            "--sslmode",
+            "verify-full",
+        ];
+        args.extend(extra);
+        waltail(&args)
+    };
+    let out = init(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs --sslrootcert"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = init(&["--sslrootcert", ca.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut standby = Cluster::adopt("serve-tls-standby", &pgdata).unwrap();
+    crate::standby::start_hot_standby(&mut standby, &primary).unwrap();
+    primary
+        .psql("insert into t select generate_series(1, 100)")
+        .unwrap();
+    wait_value(&standby, "select count(*) from t", "100", 30, &[&rx]);
+    wait_value(
+        &standby,
+        "select status || ' ' || (conninfo like '%sslmode=verify-full%') from pg_stat_wal_receiver",
+        "streaming true",
+        30,
+        &[&rx],
+    );
 }

@@ -403,13 +403,20 @@ pub fn make_tls(
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL (libpq's verify-full) takes a leaf whose
+    // subject equals its issuer for a self-signed certificate.
+    ca_params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("waltail test CA {prefix}"),
+    );
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert =
+    let mut leaf =
         rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
             .unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "waltail test server");
+    let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
     let (ca_p, cert_p, key_p) = (
         w.path(&format!("{prefix}ca.pem")),
         w.path(&format!("{prefix}cert.pem")),

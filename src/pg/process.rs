@@ -138,6 +138,7 @@ pub fn serve_on_loopback(
         user: "waltail".into(),
         password: Some(password),
         sslmode: "disable".into(),
+        sslrootcert: None,
         application_name: "waltail-standby".into(),
     };
     Ok((args, target))
