@@ -165,9 +165,17 @@ pub async fn run(cfg: &SwitchoverConfig) -> Result<SwitchoverReport> {
     }
     // 3. The spool must end with the primary's shutdown checkpoint.
     let deadline = Instant::now() + cfg.timeout;
+    // The scan reads the newest segment whole: only again when the spool moved.
+    let mut scanned = None;
+    let mut last = Err(String::new());
     let (ckpt, end, old_tli) = loop {
-        match clean_end(&spool) {
-            Ok(x) => break x,
+        let pos = spool.position().ok().flatten();
+        if scanned != Some(pos) {
+            scanned = Some(pos);
+            last = clean_end(&spool);
+        }
+        match &last {
+            Ok(x) => break *x,
             Err(why) if Instant::now() >= deadline => {
                 return Err(Precondition(format!(
                     "the spool does not end with the primary's shutdown checkpoint after {:?}: {why}. A switchover needs the primary stopped cleanly (pg_ctl stop -m fast) while waltail ship runs beside it; after a crash use waltail failover. Nothing was changed",
