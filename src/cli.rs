@@ -506,6 +506,14 @@ pub struct ShipArgs {
     /// The primary's pg_wal directory (default: <data_directory>/pg_wal).
     #[arg(long)]
     pub pg_wal: Option<PathBuf>,
+    /// Synchronous mode: also report the spool's durable position to the
+    /// primary over a replication connection, so that with this name in
+    /// `synchronous_standby_names` commits wait until the spool holds them.
+    #[arg(long)]
+    pub synchronous: bool,
+    /// The application_name of that connection (what synchronous_standby_names lists).
+    #[arg(long, default_value = "waltail")]
+    pub application_name: String,
     /// Serve Prometheus metrics on this address (GET /metrics), like 127.0.0.1:9187.
     #[arg(long, env = "WALTAIL_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
@@ -801,6 +809,13 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             merge(m, "no_slot", &mut a.no_slot, f.no_slot);
             merge_opt(m, "start_lsn", &mut a.start_lsn, f.start_lsn);
             merge_opt(m, "pg_wal", &mut a.pg_wal, f.pg_wal);
+            merge(m, "synchronous", &mut a.synchronous, f.synchronous);
+            merge(
+                m,
+                "application_name",
+                &mut a.application_name,
+                f.application_name,
+            );
             merge_opt(m, "metrics_addr", &mut a.metrics_addr, f.metrics_addr);
             a.auth.merge(
                 m,
@@ -840,6 +855,7 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             cfg.slot = (!a.no_slot).then_some(a.slot);
             cfg.start_lsn = a.start_lsn;
             cfg.pg_wal = a.pg_wal;
+            cfg.synchronous = a.synchronous.then_some(a.application_name);
             let (itx, irx) = tokio::sync::watch::channel(a.interval);
             cfg.reload_interval = Some(irx);
             let (rt, token) = runtime_single();

@@ -58,6 +58,8 @@ pub struct ShipFile {
     pub no_slot: Option<bool>,
     pub start_lsn: Option<Lsn>,
     pub pg_wal: Option<PathBuf>,
+    pub synchronous: Option<bool>,
+    pub application_name: Option<String>,
     pub secret_file: Option<PathBuf>,
     pub insecure_no_auth: Option<bool>,
     pub tls_cert: Option<PathBuf>,

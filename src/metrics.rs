@@ -68,6 +68,7 @@ pub struct ShipMetrics {
     pub shipped_lsn: Gauge,
     pub durable_lsn: Gauge,
     pub connected: Gauge,
+    pub sync_connected: Gauge,
     pub lag_bytes: Gauge,
     pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub interval_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -142,6 +143,11 @@ impl ShipMetrics {
             "connected",
             "1 while streaming to the receiver",
             self.connected.clone(),
+        );
+        r.register(
+            "sync_connected",
+            "1 while synchronous mode's replication connection reports to the primary",
+            self.sync_connected.clone(),
         );
         r.register(
             "lag_bytes",

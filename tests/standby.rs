@@ -54,11 +54,27 @@ fn setup(name: &str, style: &str) -> Setup {
 /// `setup` with the primary's WAL segments of `seg_mb` MB and init-standby's
 /// `--method`.
 pub fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
+    setup_opts(name, style, seg_mb, method, &[], &[])
+}
+
+/// [`setup_with`] with settings for the primary and arguments for the shipper.
+pub fn setup_opts(
+    name: &str,
+    style: &str,
+    seg_mb: u32,
+    method: &str,
+    settings: &[(&str, &str)],
+    ship_args: &[&str],
+) -> Setup {
     let w = Workdir::new();
     let primary = cluster(
         &format!("{name}-primary"),
         ClusterOptions {
             wal_segsize_mb: seg_mb,
+            settings: settings
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Default::default()
         },
     );
@@ -72,7 +88,9 @@ pub fn setup_with(name: &str, style: &str, seg_mb: u32, method: &str) -> Setup {
         .unwrap_or_default();
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let (rx, addr) = start_receiver(&w, &spool, &secret, &extra);
-    let tx = start_shipper(&w, &primary, &addr, &secret, &["--interval", "2ms"]);
+    let mut args = vec!["--interval", "2ms"];
+    args.extend(ship_args);
+    let tx = start_shipper(&w, &primary, &addr, &secret, &args);
     rt().block_on(load::create_table(&primary.conninfo(), "t"))
         .unwrap();
     wait_durable(&spool, flush_lsn(&primary), 30, &[&rx, &tx]);

@@ -17,4 +17,5 @@ mod serve;
 mod soak;
 mod standby;
 mod stream;
+mod sync;
 mod wake;

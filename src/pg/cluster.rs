@@ -101,6 +101,9 @@ pub struct Cluster {
     pub port: u16,
     pub archive: Option<PathBuf>,
     pub run_as: Option<RunAs>,
+    /// A network namespace (`ip netns` name) the server runs in, for tests
+    /// of two hosts: clients then reach it through its Unix socket.
+    pub netns: Option<String>,
     child: Option<Child>,
     keep: bool,
     owns_root: bool,
@@ -145,6 +148,7 @@ impl Cluster {
             port: free_port()?,
             archive: None,
             run_as,
+            netns: None,
             child: None,
             keep: std::env::var_os("WALTAIL_KEEP_DIRS").is_some(),
             owns_root: true,
@@ -260,6 +264,7 @@ impl Cluster {
             port: free_port()?,
             archive: None,
             run_as: RunAs::for_servers()?,
+            netns: None,
             child: None,
             keep: true,
             owns_root: false,
@@ -275,10 +280,21 @@ impl Cluster {
     pub fn command(&self, program: &Path) -> Command {
         let mut cmd = Command::new(program);
         cmd.current_dir(&self.root);
-        if let Some(r) = self.run_as {
-            r.apply(&mut cmd);
+        match (&self.netns, self.run_as) {
+            (Some(ns), r) => enter_netns(&mut cmd, ns, r),
+            (None, Some(r)) => r.apply(&mut cmd),
+            (None, None) => {}
         }
         cmd
+    }
+
+    /// Where clients connect: the loopback address, or the Unix socket's
+    /// directory when the server runs in another network namespace.
+    pub fn host(&self) -> String {
+        match self.netns {
+            Some(_) => self.root.display().to_string(),
+            None => "127.0.0.1".into(),
+        }
     }
 
     fn run_quiet(&self, mut cmd: Command, what: &str) -> Result<()> {
@@ -341,7 +357,8 @@ impl Cluster {
     /// libpq conninfo for this server.
     pub fn conninfo(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            "host={} port={} user=postgres dbname=postgres",
+            self.host(),
             self.port
         )
     }
@@ -409,7 +426,7 @@ impl Cluster {
             }
             let isready = self.bin.tool("pg_isready");
             let st = Command::new(&isready)
-                .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+                .args(["-q", "-h", &self.host(), "-U", "postgres", "-d", "postgres"])
                 .args(["-p", &self.port.to_string()])
                 .status()
                 .with_context(|| {
@@ -479,7 +496,7 @@ impl Cluster {
         let mut c = Command::new(self.bin.tool("pgbench"));
         c.args([
             "-h",
-            "127.0.0.1",
+            &self.host(),
             "-U",
             "postgres",
             "-p",
@@ -495,7 +512,7 @@ impl Cluster {
         let psql = self.bin.tool("psql");
         let out = Command::new(&psql)
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .args(["-h", &self.host(), "-U", "postgres", "-d", "postgres"])
             .args(["-p", &self.port.to_string(), "-c", sql])
             .output()
             .with_context(|| {
@@ -518,6 +535,39 @@ impl Cluster {
     /// Leaves the directory in place when dropped (for debugging).
     pub fn keep_files(&mut self) {
         self.keep = true;
+    }
+}
+
+/// Makes `cmd` run in network namespace `ns` (`/run/netns/<ns>`, made by
+/// `ip netns add`), as `run_as` when given: the child joins the namespace
+/// while it is still root, then drops to the user, then execs.
+pub fn enter_netns(cmd: &mut Command, ns: &str, run_as: Option<RunAs>) {
+    use std::os::unix::process::CommandExt;
+    let path = PathBuf::from("/run/netns").join(ns);
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    if run_as.is_some() {
+        cmd.env_remove("HOME");
+    }
+    // SAFETY: between fork and exec the closure only makes system calls
+    // (open, setns, close, setgroups, setgid, setuid), all
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(c_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            if let Some(r) = run_as {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(r.gid) != 0
+                    || libc::setuid(r.uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 

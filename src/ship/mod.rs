@@ -52,6 +52,7 @@ mod send;
 mod session;
 pub mod source;
 mod stop;
+pub mod sync;
 pub mod wake;
 
 use std::path::PathBuf;
@@ -105,6 +106,9 @@ pub struct ShipConfig {
     pub pg_wal: Option<PathBuf>,
     /// A new poll interval on SIGHUP.
     pub reload_interval: Option<watch::Receiver<Duration>>,
+    /// Synchronous mode: the application_name under which a replication
+    /// connection reports the receiver's durable position ([`sync`]).
+    pub synchronous: Option<String>,
 }
 
 impl ShipConfig {
@@ -132,6 +136,7 @@ impl ShipConfig {
             max_backoff: Duration::from_secs(5),
             pg_wal: None,
             reload_interval: None,
+            synchronous: None,
         }
     }
 }
@@ -188,6 +193,14 @@ pub async fn run(
     let m = crate::metrics::ship();
     m.interval_seconds.set(cfg.interval.as_secs_f64());
 
+    // What the receiver acked as durable, as soon as it says so: the
+    // synchronous mode reports it to the primary.
+    let (durable_tx, durable_rx) = watch::channel(None::<Lsn>);
+    let sync_wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    // Started once the primary is reached (and the slot it names exists).
+    let mut sync_task: Option<tokio::task::JoinHandle<()>> = None;
+    let mut durable_rx = Some(durable_rx);
+
     let mut chase = Chase::default();
     loop {
         let chase_due = chase.due();
@@ -207,6 +220,8 @@ pub async fn run(
                     }
                 }
                 () = async { match chase_due { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {}
+                // The walsender of the synchronous mode sent flushed WAL.
+                () = sync_wake.notified(), if sync_task.is_some() => {}
                 Ok(()) = async { match reload.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
                     let every = *reload.as_mut().expect("changed above").borrow_and_update();
                     if every != tick.period() {
@@ -241,6 +256,21 @@ pub async fn run(
                     }
                     pg_backoff.reset();
                     primary = Some(p);
+                    if let (Some(application_name), Some(rx)) =
+                        (cfg.synchronous.clone(), durable_rx.take())
+                    {
+                        sync_task = Some(tokio::spawn(sync::run(
+                            sync::SyncConfig {
+                                conninfo: cfg.conninfo.clone(),
+                                application_name,
+                                slot: cfg.slot.clone(),
+                                max_backoff: cfg.max_backoff,
+                            },
+                            rx,
+                            sync_wake.clone(),
+                            shutdown.child_token(),
+                        )));
+                    }
                 }
                 Err(Fault::Fatal(e)) => return Err(e),
                 Err(Fault::Pg(e)) | Err(Fault::Receiver(e)) => {
@@ -300,7 +330,7 @@ pub async fn run(
             if !rx_backoff.due() {
                 continue;
             }
-            match open_session(&cfg, p, &fp, server_tli).await {
+            match open_session(&cfg, p, &fp, server_tli, &durable_tx).await {
                 Ok(s) => {
                     if rx_backoff.failures > 0 {
                         info!(
@@ -375,8 +405,9 @@ pub async fn run(
             x.shipped = Some(s.next);
             x.durable = acks.durable;
         });
-        // Let the primary recycle what is durable on the standby host.
-        if let (Some(slot), Some((_, durable))) = (&cfg.slot, acks.durable) {
+        // Let the primary recycle what is durable on the standby host (in
+        // synchronous mode the replication connection's reports do it).
+        if let (Some(slot), Some((_, durable)), None) = (&cfg.slot, acks.durable, &sync_task) {
             if slot_done.is_none_or(|d| durable > d)
                 && last_slot_advance.elapsed() >= Duration::from_millis(500)
             {
@@ -398,6 +429,9 @@ pub async fn run(
     if let Some(mut s) = session.take() {
         let _ = s.w.flush().await;
         s.w.shutdown().await;
+    }
+    if let Some(t) = sync_task {
+        let _ = t.await;
     }
     info!("shipper stopped");
     Ok(())

@@ -128,6 +128,7 @@ pub(super) async fn open_session(
     p: &mut Primary,
     fp: &FlushPoint,
     server_tli: TimelineId,
+    durable_tx: &watch::Sender<Option<Lsn>>,
 ) -> Result<Session, Fault> {
     let io = connect_receiver(cfg).await?;
     let (r, w) = tokio::io::split(io);
@@ -209,11 +210,16 @@ pub(super) async fn open_session(
         durable: position,
         ..Default::default()
     });
+    if let Some((_, d)) = position {
+        durable_tx.send_replace(Some(d));
+    }
+    let durable_tx = durable_tx.clone();
     let reader = tokio::spawn(async move {
         loop {
             match r.read_frame().await {
                 Ok(Some(Frame::Ack { tli, durable })) => {
                     crate::metrics::ship().acks.inc();
+                    durable_tx.send_replace(Some(durable));
                     tx.send_modify(|a| a.durable = Some((tli, durable)))
                 }
                 Ok(Some(Frame::Refuse { code, reason })) => {

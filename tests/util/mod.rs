@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod proxy;
 
 use std::io::Read;
@@ -227,6 +228,17 @@ impl Daemon {
 
     /// As [`Daemon::start`], with extra environment variables.
     pub fn start_env(name: &str, args: &[String], log: PathBuf, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_in(None, name, args, log, env)
+    }
+
+    /// As [`Daemon::start_env`], inside network namespace `netns` when given.
+    pub fn start_in(
+        netns: Option<&str>,
+        name: &str,
+        args: &[String],
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -239,9 +251,14 @@ impl Daemon {
             .stdin(std::process::Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f);
-        if let Some(r) = waltail::pg::cluster::RunAs::for_servers().unwrap() {
+        let run_as = waltail::pg::cluster::RunAs::for_servers().unwrap();
+        if let Some(r) = run_as {
             r.chown(&log).unwrap();
-            r.apply(&mut cmd);
+        }
+        match (netns, run_as) {
+            (Some(ns), r) => waltail::pg::cluster::enter_netns(&mut cmd, ns, r),
+            (None, Some(r)) => r.apply(&mut cmd),
+            (None, None) => {}
         }
         let child = cmd.spawn().expect("starting waltail");
         Daemon {

@@ -1,0 +1,131 @@
+//! Synchronous mode (`ship --synchronous`): the shipper also holds a
+//! physical replication connection to the primary, under its
+//! `application_name` (default `waltail`), and reports the receiver's
+//! durable position as that connection's write and flush position. Listed
+//! in `synchronous_standby_names`, it makes every commit wait until its WAL
+//! is durable in the spool, as Barman's and pgrwl's receivers do.
+//!
+//! The WAL itself still goes from pg_wal through the shipper's own session:
+//! the walsender's XLogData is read and dropped, and used only as the
+//! wake-up (a walsender sends only flushed WAL, so a message means there is
+//! more to ship). The apply position is reported as invalid, as
+//! pg_receivewal does: nothing is replayed here, so `synchronous_commit =
+//! remote_apply` would wait for ever; `on` (remote flush) is the setting.
+//!
+//! The connection names the shipper's slot, so the walsender moves the
+//! slot's restart LSN to the reported flush position, and the shipper's
+//! SQL slot advance is off in this mode (an active slot cannot be advanced).
+//! A status update goes out on every ack, on every keepalive that asks,
+//! and every 10 seconds. A lost connection is retried with backoff; while
+//! it is down, commits wait, as with any synchronous standby.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::poll::Backoff;
+use crate::pg::replication::{ReplicationConn, ServerMessage};
+use crate::wal::Lsn;
+
+/// Status updates go out at least this often (wal_receiver_status_interval's default).
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    pub conninfo: String,
+    /// The name `synchronous_standby_names` lists.
+    pub application_name: String,
+    pub slot: Option<String>,
+    pub max_backoff: Duration,
+}
+
+/// Keeps the replication connection up until `shutdown`, reporting
+/// `durable` (the receiver's durable LSN) and notifying `wake` when the
+/// primary has flushed more WAL.
+pub async fn run(
+    cfg: SyncConfig,
+    mut durable: watch::Receiver<Option<Lsn>>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(cfg.max_backoff);
+    let m = crate::metrics::ship();
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let err = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = stream(&cfg, &mut durable, &wake, &shutdown, &mut backoff) => match r {
+                Ok(()) => return,
+                Err(e) => e,
+            },
+        };
+        m.sync_connected.set(0);
+        let wait = backoff.fail();
+        warn!(
+            "synchronous mode: the replication connection to the primary failed ({err:#}); commits wait until it is back; retrying in {wait:?}"
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn stream(
+    cfg: &SyncConfig,
+    durable: &mut watch::Receiver<Option<Lsn>>,
+    wake: &Notify,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
+    let mut c = ReplicationConn::connect(&cfg.conninfo, &cfg.application_name).await?;
+    let id = c.identify_system().await?;
+    c.start_replication(cfg.slot.as_deref(), id.xlogpos).await?;
+    info!(
+        application_name = %cfg.application_name,
+        "synchronous mode: reporting the spool's durable position to the primary (list {:?} in synchronous_standby_names)",
+        cfg.application_name
+    );
+    backoff.reset();
+    crate::metrics::ship().sync_connected.set(1);
+    let mut reported = Lsn(0);
+    let mut status = tokio::time::interval(STATUS_INTERVAL);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let now = durable.borrow_and_update().unwrap_or(Lsn(0));
+        if now != reported {
+            c.send_status(now, now, false).await?;
+            reported = now;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                c.close().await;
+                return Ok(());
+            }
+            r = durable.changed() => {
+                if r.is_err() {
+                    c.close().await;
+                    return Ok(());
+                }
+            }
+            _ = status.tick() => c.send_status(reported, reported, false).await?,
+            m = c.recv() => match m? {
+                ServerMessage::XLogData { start, len, .. } => {
+                    debug!(%start, len, "walsender: more WAL flushed");
+                    wake.notify_one();
+                }
+                ServerMessage::Keepalive { reply, .. } => {
+                    if reply {
+                        c.send_status(reported, reported, false).await?;
+                    }
+                }
+                ServerMessage::Done => anyhow::bail!("the primary ended the replication stream"),
+            },
+        }
+    }
+}
