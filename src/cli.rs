@@ -374,6 +374,10 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         /// (commit-to-visible, standby host CPU); writes visible.json and visible.md.
         #[arg(long)]
         visible: bool,
+        /// Instead: what a synchronous commit costs with `ship --synchronous`, synchronous
+        /// streaming and pg_receivewal (fsync on); writes sync.json and sync.md.
+        #[arg(long)]
+        sync: bool,
         /// With --visible: the segment sizes, in MB.
         #[arg(long, value_delimiter = ',', default_value = "16,1024")]
         segment_mb: Vec<u32>,
@@ -1310,9 +1314,20 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             trials,
             seed,
             visible,
+            sync,
             segment_mb,
         } => {
             use crate::bench::Method;
+            if sync {
+                let (rt, _t) = runtime();
+                return match rt.block_on(crate::bench::sync::run(&out, seconds.clamp(1, 600))) {
+                    Ok(r) => {
+                        print!("{}", crate::bench::sync::table(&r));
+                        EXIT_OK
+                    }
+                    Err(e) => failed("bench", &e),
+                };
+            }
             if visible {
                 let o = crate::bench::visible::VisibleOptions {
                     out,

@@ -18,4 +18,5 @@ mod soak;
 mod standby;
 mod stream;
 mod sync;
+mod twohosts;
 mod wake;

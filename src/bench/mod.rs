@@ -41,6 +41,7 @@ pub mod loss;
 pub mod plot;
 pub mod report;
 mod rig;
+pub mod sync;
 pub mod visible;
 
 use std::path::{Path, PathBuf};

@@ -56,7 +56,7 @@ pub struct Percentiles {
     pub n: usize,
 }
 
-fn percentiles(mut v: Vec<f64>) -> Option<Percentiles> {
+pub(super) fn percentiles(mut v: Vec<f64>) -> Option<Percentiles> {
     if v.is_empty() {
         return None;
     }

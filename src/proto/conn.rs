@@ -107,10 +107,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads whatever the stream has ready now, without waiting. False at
     /// EOF or when nothing was ready.
     pub async fn read_ready(&mut self) -> Result<bool, ProtoError> {
-        match tokio::time::timeout(Duration::ZERO, self.read_more()).await {
-            Ok(Ok(n)) => Ok(n > 0),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Ok(false),
+        // Polled once, not under `timeout(ZERO)`: tokio rounds a timer's
+        // deadline up to its next millisecond tick, which held a lone
+        // commit's fdatasync back by up to 1 ms.
+        use futures_util::FutureExt;
+        match self.read_more().now_or_never() {
+            Some(Ok(n)) => Ok(n > 0),
+            Some(Err(e)) => Err(e),
+            None => Ok(false),
         }
     }
 

@@ -13,10 +13,11 @@
 //! `interval` (default 250 ms) keeps running: the safety net for events that
 //! never came (a full inotify queue, a watch that failed) and the shipper's
 //! heartbeat; `--wake poll` turns the events off and leaves only it. Why not
-//! a replication connection as the wake-up: its walsender would stream the
-//! WAL bytes a second time to a process that already reads them from
-//! pg_wal, and tokio-postgres has no replication protocol; the watch costs
-//! nothing while the server is idle.
+//! a replication connection as the wake-up by default: its walsender would
+//! stream the WAL bytes a second time to a process that already reads them
+//! from pg_wal; the watch costs nothing while the server is idle. In
+//! synchronous mode ([`sync`]) that connection exists anyway, to report the
+//! spool's durable position, and its XLogData wakes the shipper too.
 //!
 //! **What it sends.** Only WAL at or below the flush position, whatever woke
 //! it: the bytes from the last position to the flush LSN, read out of
