@@ -349,7 +349,8 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
         /// Comma-separated: waltail (its defaults: inotify, 250ms poll), waltail-1 and
-        /// waltail-10 (--wake poll at 1ms, 10ms), streaming, receivewal, archive-1, archive-60.
+        /// waltail-10 (--wake poll at 1ms, 10ms), waltail-walsender (--wake walsender),
+        /// streaming, receivewal, archive-1, archive-60.
         #[arg(
             long,
             default_value = "waltail,waltail-1,streaming,receivewal,archive-1,archive-60"
@@ -491,7 +492,8 @@ pub struct ShipArgs {
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub interval: Duration,
     /// What wakes the shipper between polls: `inotify` (writes into pg_wal's
-    /// segments) or `poll` (the interval alone).
+    /// segments), `walsender` (a replication connection's flushed WAL) or
+    /// `poll` (the interval alone).
     #[arg(long, value_enum, default_value = "inotify")]
     pub wake: crate::ship::wake::WakeMode,
     /// Reconnect when WAL sent has gone unacknowledged this long, or a send
@@ -1349,11 +1351,15 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                     "waltail" => Method::WALTAIL_DEFAULTS,
                     "waltail-1" => Method::Waltail {
                         interval_ms: 1,
-                        events: false,
+                        wake: crate::ship::wake::WakeMode::Poll,
                     },
                     "waltail-10" => Method::Waltail {
                         interval_ms: 10,
-                        events: false,
+                        wake: crate::ship::wake::WakeMode::Poll,
+                    },
+                    "waltail-walsender" => Method::Waltail {
+                        interval_ms: crate::ship::DEFAULT_INTERVAL.as_millis() as u64,
+                        wake: crate::ship::wake::WakeMode::Walsender,
                     },
                     "streaming" => Method::Streaming,
                     "receivewal" => Method::Receivewal,

@@ -111,7 +111,7 @@ impl ShipMetrics {
         );
         r.register(
             "wakeups",
-            "writes into pg_wal's segments that woke the shipper (inotify)",
+            "wake-ups of the shipper: writes into pg_wal's segments (inotify), or flushed WAL from the walsender (--wake walsender, --synchronous)",
             self.wakeups.clone(),
         );
         r.register(

@@ -37,16 +37,8 @@ fn ok_on(ns: &str, args: &[&str]) -> serde_json::Value {
 }
 
 fn start_standby(s: &mut Cluster, primary: &Cluster) {
-    s.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while s.wait_ready(Duration::from_secs(3)).is_err() {
-        assert!(
-            Instant::now() < deadline && s.is_running(),
-            "standby did not start:\n{}",
-            s.log_tail(40)
-        );
-        let _ = primary.psql("checkpoint");
-    }
+    crate::standby::start_hot_standby(s, primary)
+        .unwrap_or_else(|e| panic!("{} did not start: {e:#}\n{}", s.name, s.log_tail(40)));
 }
 
 fn count(c: &Cluster) -> i64 {

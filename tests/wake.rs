@@ -4,6 +4,7 @@
 //! primary's archive; speed is for the bench, not asserted here.
 
 use crate::util::*;
+use waltail::wal::Lsn;
 
 const SECRET: &str = "test-secret-0123456789abcdef";
 const SEG: u64 = 1 << 20;
@@ -117,6 +118,81 @@ fn wal_reaches_the_spool_by_the_poll_when_the_watch_cannot_be_set_up() {
         &[("FAILPOINTS", "ship-wake-init=return")],
     );
     tx.wait_log(&["cannot watch pg_wal", "polling only"], 30);
+    let n = commit_and_check(&c, &spool, &[&rx, &tx]);
+    assert!(n >= 1, "only {n} segments compared");
+}
+
+/// `--wake walsender`: the walsender's XLogData wakes the shipper; the
+/// spool matches the primary, and its slot follows the receiver's reports.
+#[test]
+fn walsender_messages_wake_the_shipper_and_the_spool_matches_the_primary() {
+    let w = Workdir::new();
+    let c = archived_cluster("wake-walsender");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let metrics = free_addr();
+    let tx = start_shipper(
+        &w,
+        &c,
+        &addr,
+        &secret,
+        &["--wake", "walsender", "--metrics-addr", &metrics],
+    );
+    tx.wait_log(&["waking on the walsender's flushed WAL"], 30);
+    let n = commit_and_check(&c, &spool, &[&rx, &tx]);
+    assert!(n >= 1, "only {n} segments compared");
+    scrape_until(&metrics, "waltail_ship_wakeups_total", 1.0);
+    // Not listed in synchronous_standby_names: an asynchronous walsender.
+    assert_eq!(
+        c.psql("select sync_state from pg_stat_replication where application_name = 'waltail'")
+            .unwrap(),
+        "async"
+    );
+    // The walsender moved the slot to what the spool holds.
+    let (_, durable) = spool_position(&spool).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let restart: Lsn = c
+            .psql("select restart_lsn from pg_replication_slots where slot_name = 'waltail'")
+            .unwrap()
+            .parse()
+            .unwrap();
+        if restart >= durable {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot at {restart}, spool durable at {durable}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The replication connection cannot be made: the shipper says so and the
+/// interval poll ships everything.
+#[test]
+fn wal_reaches_the_spool_by_the_poll_when_the_walsender_cannot_be_reached() {
+    if !cfg!(feature = "failpoints") {
+        panic!("this test injects faults: run the suite with `cargo test --features failpoints` (the README's test command)");
+    }
+    let w = Workdir::new();
+    let c = archived_cluster("wake-nowalsender");
+    let secret = w.secret("secret", SECRET);
+    let spool = w.path("spool");
+    let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let tx = start_shipper_env(
+        &w,
+        &c,
+        &addr,
+        &secret,
+        &["--wake", "walsender", "--interval", "50ms"],
+        &[("FAILPOINTS", "ship-walsender-connect=return")],
+    );
+    tx.wait_log(
+        &["replication connection to the primary failed", "poll alone"],
+        30,
+    );
     let n = commit_and_check(&c, &spool, &[&rx, &tx]);
     assert!(n >= 1, "only {n} segments compared");
 }

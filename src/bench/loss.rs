@@ -18,6 +18,7 @@
 //! (`pgbench_history` rows, one per pgbench transaction) against the
 //! restarted primary's, a check of the WAL arithmetic by what a user sees.
 
+use crate::ship::wake::WakeMode;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -197,7 +198,7 @@ pub(super) async fn trials(r: &mut Rig, n: usize, seed: u64) -> Result<LossSumma
         let interval_bytes = match r.method {
             Method::Waltail {
                 interval_ms,
-                events: false,
+                wake: WakeMode::Poll,
             } => Some((wal as f64 * interval_ms as f64 / load_ms as f64) as u64),
             _ => None,
         };
@@ -252,7 +253,10 @@ pub(super) async fn trials(r: &mut Rig, n: usize, seed: u64) -> Result<LossSumma
     bytes.sort_unstable();
     commits.sort_unstable();
     let within = match r.method {
-        Method::Waltail { events: false, .. } => Some(
+        Method::Waltail {
+            wake: WakeMode::Poll,
+            ..
+        } => Some(
             out.iter()
                 .filter(|t| t.lost_bytes <= t.interval_bytes.unwrap_or(0))
                 .count(),

@@ -1,8 +1,11 @@
 //! `waltail bench`: waltail against the other ways of getting WAL to a
 //! standby host, measured the same way, on the same machine, in one run.
 //!
-//! Methods: waltail with its defaults (woken by inotify, the 100 ms poll as
-//! the safety net) and polling alone every 1 ms; PostgreSQL's streaming
+//! Methods: waltail with its defaults (woken by inotify, the 250 ms poll as
+//! the safety net), woken by a replication connection's walsender
+//! (`--wake walsender`), and polling alone every 1 ms, each with a hot
+//! standby fed from the spool by `receive --serve` (init-standby's stream
+//! style); PostgreSQL's streaming
 //! replication; `pg_receivewal --synchronous` with a slot; `archive_command`
 //! with `archive_timeout` 1 s and 60 s. Each gets a fresh primary with the
 //! same settings, `fsync = on` on every cluster (a durability comparison
@@ -61,11 +64,11 @@ use rig::{idle_cpu, rig, Rig};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "method", rename_all = "snake_case")]
 pub enum Method {
-    /// `events`: woken by inotify (`--wake inotify`), the interval the
-    /// safety net; else `--wake poll`.
+    /// `ship --wake W --interval I`: woken by inotify or by a replication
+    /// connection's walsender (the interval the safety net), or polling.
     Waltail {
         interval_ms: u64,
-        events: bool,
+        wake: crate::ship::wake::WakeMode,
     },
     Streaming,
     Receivewal,
@@ -77,14 +80,9 @@ pub enum Method {
 impl Method {
     pub fn label(&self) -> String {
         match self {
-            Method::Waltail {
-                interval_ms,
-                events: true,
-            } => format!("waltail --wake inotify --interval {interval_ms}ms"),
-            Method::Waltail {
-                interval_ms,
-                events: false,
-            } => format!("waltail --wake poll --interval {interval_ms}ms"),
+            Method::Waltail { interval_ms, wake } => {
+                format!("waltail --wake {} --interval {interval_ms}ms", wake.name())
+            }
             Method::Streaming => "streaming replication".into(),
             Method::Receivewal => "pg_receivewal --synchronous".into(),
             Method::Archive { timeout_s } => {
@@ -96,7 +94,7 @@ impl Method {
     /// waltail as a user who sets nothing runs it.
     pub const WALTAIL_DEFAULTS: Method = Method::Waltail {
         interval_ms: crate::ship::DEFAULT_INTERVAL.as_millis() as u64,
-        events: true,
+        wake: crate::ship::wake::WakeMode::Inotify,
     };
 
     pub fn all() -> Vec<Method> {
@@ -104,7 +102,7 @@ impl Method {
             Method::WALTAIL_DEFAULTS,
             Method::Waltail {
                 interval_ms: 1,
-                events: false,
+                wake: crate::ship::wake::WakeMode::Poll,
             },
             Method::Streaming,
             Method::Receivewal,

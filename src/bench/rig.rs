@@ -78,28 +78,32 @@ pub(super) async fn rig(method: Method, exe: &Path) -> Result<Rig> {
     };
     let p = |n: &str| r.work.path().join(n);
     match method {
-        Method::Waltail {
-            interval_ms,
-            events,
-        } => {
+        Method::Waltail { interval_ms, wake } => {
             let iv = format!("{interval_ms}ms");
-            let wake = if events { "inotify" } else { "poll" };
+            let wake = wake.name();
+            // The receiver also serves the spool to the hot standby over the
+            // replication protocol (init-standby --style stream, the
+            // demo's style): no restore_command copies at idle.
+            let (serve, target) = crate::pg::process::serve_on_loopback(r.work.path(), run_as)?;
             let pair = start_pair_with(
                 exe,
                 &format!("{} application_name={SHIP_APP}", r.primary.conninfo()),
                 r.work.path(),
                 &["--interval", &iv, "--wake", wake],
                 run_as,
-                &[],
+                &serve,
             )?;
             r.restart = Some((exe.to_path_buf(), pair.receive_args, p("receive2.log")));
             r.children.push(("waltail receive".into(), pair.receive));
             r.children.push(("waltail ship".into(), pair.ship));
-            // A hot standby fed from the spool, as init-standby makes it.
             let pgdata = p("standby");
             crate::standby::init_standby(
                 exe,
-                &crate::standby::InitStandby::new(&r.primary.conninfo(), &pgdata, &p("spool")),
+                &crate::standby::InitStandby {
+                    style: crate::standby::Style::Stream,
+                    stream: Some(&target),
+                    ..crate::standby::InitStandby::new(&r.primary.conninfo(), &pgdata, &p("spool"))
+                },
             )
             .await?;
             let mut s = Cluster::adopt("bench-standby", &pgdata)?;
@@ -311,7 +315,8 @@ impl Rig {
         let mut out = self.pids();
         let c = connect(&self.primary.conninfo()).await?;
         let sql = match self.method {
-            Method::Waltail { .. } => format!("SELECT 'waltail ship backend', pid FROM pg_stat_activity WHERE application_name = '{SHIP_APP}'"),
+            // Its SQL backend, and the walsender of `--wake walsender`.
+            Method::Waltail { .. } => format!("SELECT 'waltail ship backend', pid FROM pg_stat_activity WHERE application_name IN ('{SHIP_APP}', 'waltail')"),
             Method::Streaming | Method::Receivewal => "SELECT 'walsender', pid FROM pg_stat_replication".into(),
             Method::Archive { .. } => "SELECT 'archiver', pid FROM pg_stat_activity WHERE backend_type = 'archiver'".into(),
         };

@@ -257,13 +257,19 @@ pub async fn run(
                     }
                     pg_backoff.reset();
                     primary = Some(p);
-                    if let (Some(application_name), Some(rx)) =
-                        (cfg.synchronous.clone(), durable_rx.take())
-                    {
+                    let replication = (cfg.synchronous.is_some()
+                        || cfg.wake == WakeMode::Walsender)
+                        .then(|| durable_rx.take())
+                        .flatten();
+                    if let Some(rx) = replication {
                         sync_task = Some(tokio::spawn(sync::run(
                             sync::SyncConfig {
                                 conninfo: cfg.conninfo.clone(),
-                                application_name,
+                                application_name: cfg
+                                    .synchronous
+                                    .clone()
+                                    .unwrap_or_else(|| "waltail".into()),
+                                synchronous: cfg.synchronous.is_some(),
                                 slot: cfg.slot.clone(),
                                 max_backoff: cfg.max_backoff,
                             },

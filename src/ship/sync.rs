@@ -1,3 +1,6 @@
+//! The shipper's replication connection to the primary, for synchronous
+//! mode and for `--wake walsender`.
+//!
 //! Synchronous mode (`ship --synchronous`): the shipper also holds a
 //! physical replication connection to the primary, under its
 //! `application_name` (default `waltail`), and reports the receiver's
@@ -18,6 +21,10 @@
 //! A status update goes out on every ack, on every keepalive that asks,
 //! and every 10 seconds. A lost connection is retried with backoff; while
 //! it is down, commits wait, as with any synchronous standby.
+//!
+//! `--wake walsender` without `--synchronous` opens the same connection
+//! only for its wake-ups (and the slot's reports); unlisted in
+//! `synchronous_standby_names`, it holds no commit back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +45,8 @@ pub struct SyncConfig {
     pub conninfo: String,
     /// The name `synchronous_standby_names` lists.
     pub application_name: String,
+    /// Whether commits are meant to wait for it (only what it logs differs).
+    pub synchronous: bool,
     pub slot: Option<String>,
     pub max_backoff: Duration,
 }
@@ -66,9 +75,15 @@ pub async fn run(
         };
         m.sync_connected.set(0);
         let wait = backoff.fail();
-        warn!(
-            "synchronous mode: the replication connection to the primary failed ({err:#}); commits wait until it is back; retrying in {wait:?}"
-        );
+        if cfg.synchronous {
+            warn!(
+                "synchronous mode: the replication connection to the primary failed ({err:#}); commits wait until it is back; retrying in {wait:?}"
+            );
+        } else {
+            warn!(
+                "the replication connection to the primary failed ({err:#}); waking on the poll alone until it is back; retrying in {wait:?}"
+            );
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -83,14 +98,22 @@ async fn stream(
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
+    // Injected: the replication connection cannot be made.
+    fail::fail_point!("ship-walsender-connect", |_| Err(anyhow::anyhow!(
+        "injected by failpoint ship-walsender-connect"
+    )));
     let mut c = ReplicationConn::connect(&cfg.conninfo, &cfg.application_name).await?;
     let id = c.identify_system().await?;
     c.start_replication(cfg.slot.as_deref(), id.xlogpos).await?;
-    info!(
-        application_name = %cfg.application_name,
-        "synchronous mode: reporting the spool's durable position to the primary (list {:?} in synchronous_standby_names)",
-        cfg.application_name
-    );
+    if cfg.synchronous {
+        info!(
+            application_name = %cfg.application_name,
+            "synchronous mode: reporting the spool's durable position to the primary (list {:?} in synchronous_standby_names)",
+            cfg.application_name
+        );
+    } else {
+        info!("waking on the walsender's flushed WAL (a replication connection)");
+    }
     backoff.reset();
     crate::metrics::ship().sync_connected.set(1);
     let mut reported = Lsn(0);
@@ -117,6 +140,7 @@ async fn stream(
             m = c.recv() => match m? {
                 ServerMessage::XLogData { start, len, .. } => {
                     debug!(%start, len, "walsender: more WAL flushed");
+                    crate::metrics::ship().wakeups.inc();
                     wake.notify_one();
                 }
                 ServerMessage::Keepalive { reply, .. } => {

@@ -22,6 +22,11 @@
 //! before it renames them into place, history files, `archive_status`) do
 //! not wake the shipper. Identical events that pile up unread are merged by
 //! the kernel, so a busy server costs at most one look per pass of the loop.
+//!
+//! `--wake walsender` sets no watch: the shipper holds a physical
+//! replication connection instead ([`super::sync`]), and each XLogData its
+//! walsender sends (which it does only once WAL is flushed) is the wake-up,
+//! at the moment of the flush rather than of the write.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -33,13 +38,28 @@ use inotify::{EventMask, EventStream, Inotify, WatchMask};
 use tracing::{info, warn};
 
 /// How the shipper learns that WAL was written (`ship --wake`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum WakeMode {
     /// inotify on pg_wal, with the interval poll as the safety net.
     Inotify,
     /// The interval poll only.
     Poll,
+    /// A replication connection's walsender, which sends only flushed WAL.
+    Walsender,
+}
+
+impl WakeMode {
+    /// As `--wake` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            WakeMode::Inotify => "inotify",
+            WakeMode::Poll => "poll",
+            WakeMode::Walsender => "walsender",
+        }
+    }
 }
 
 /// The event source of one connection to the primary.
@@ -51,7 +71,7 @@ impl Wake {
     /// Watches `pg_wal` for writes; without one (mode `Poll`, or the watch
     /// could not be set up, which is logged) [`Wake::wait`] never returns.
     pub fn watch(mode: WakeMode, pg_wal: &Path) -> Wake {
-        if mode == WakeMode::Poll {
+        if mode != WakeMode::Inotify {
             return Wake { events: None };
         }
         let r = (|| -> std::io::Result<EventStream<Vec<u8>>> {
