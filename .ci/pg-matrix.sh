@@ -108,9 +108,10 @@ filter() {
     rest) echo "--skip inspect:: --skip standby:: $(rewind_skips "$2")" ;;
   esac
 }
-# pg_rewind runs only against its own major and the npm builds have none:
-# without one beside the server, the tests that rewind are left out.
-REWIND_TESTS="lifecycle::a_failed_over_primary_rejoins_as_a_standby_of_the_new_one twohosts::failover_rejoin_switchover_back_and_again_across_two_hosts"
+# pg_rewind and pg_controldata work only with their own major and the npm
+# builds have neither: without pg_rewind beside the server, the tests of
+# rejoin's rewind and rebuild are left out.
+REWIND_TESTS="lifecycle::a_failed_over_primary_rejoins_as_a_standby_of_the_new_one twohosts::failover_rejoin_switchover_back_and_again_across_two_hosts lifecycle::without_hints_rejoin_refuses_and_rebuilds_only_when_allowed"
 rewind_skips() {
   [ -x "$1/pg_rewind" ] && return
   for t in $REWIND_TESTS; do printf -- '--skip %s ' "$t"; done

@@ -220,6 +220,14 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
             "CHECKPOINT on the new primary (its control file still named the old timeline)",
         )?;
     }
+    // Keep the node's own configuration.
+    let kept: Vec<(String, Vec<u8>)> = config_files(pgdata)
+        .into_iter()
+        .map(|n| {
+            let b = std::fs::read(pgdata.join(&n))?;
+            Ok((n, b))
+        })
+        .collect::<std::io::Result<_>>()?;
     if !hints && !checksums {
         let made = crate::standby::init_standby(
             exe,
@@ -230,23 +238,32 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
             },
         )
         .await?;
+        // The fresh copy came with the new primary's files: the node's own
+        // come back, then the standby settings go on top.
+        for (n, b) in &kept {
+            crate::fsio::write_atomic(&pgdata.join(n), b)?;
+            if let Some(r) = owner {
+                r.chown(&pgdata.join(n))?;
+            }
+        }
+        crate::standby::configure(
+            pgdata,
+            exe,
+            &std::path::absolute(o.spool)?,
+            o.style,
+            Duration::from_millis(100),
+            owner,
+            major,
+        )?;
         return Ok(RejoinReport {
             pgdata: pgdata.to_path_buf(),
             action: "rebuilt".into(),
             checkpointed_primary: checkpointed,
-            kept: vec![],
+            kept: kept.iter().map(|(n, _)| n.clone()).collect(),
             style: o.style.signal_file().into(),
             pg_rewind_output: made.how,
         });
     }
-    // Keep the node's own configuration.
-    let kept: Vec<(String, Vec<u8>)> = config_files(pgdata)
-        .into_iter()
-        .map(|n| {
-            let b = std::fs::read(pgdata.join(&n))?;
-            Ok((n, b))
-        })
-        .collect::<std::io::Result<_>>()?;
     let tool = bin
         .find_tool("pg_rewind")
         .with_context(|| format!("no pg_rewind of PostgreSQL {major} is installed"))?;

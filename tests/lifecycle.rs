@@ -40,14 +40,28 @@ fn wait_rows(s: &Cluster, sql: &str, want: &str, secs: u64) {
     }
 }
 
-#[test]
-fn a_failed_over_primary_rejoins_as_a_standby_of_the_new_one() {
+/// After a partition: A took 100 rows that reached B and 100 (1001-1100)
+/// that did not; B failed over from its spool and ships to a new spool on
+/// A's side, with 10 rows of its own (2001-2010); A is stopped, with a rule
+/// of its own in pg_hba.conf.
+struct Partitioned {
+    w: Workdir,
+    a: Cluster,
+    b: Cluster,
+    /// B's fenced spool, and the new one on A's side.
+    spool1: std::path::PathBuf,
+    spool2: std::path::PathBuf,
+    hba: String,
+    _daemons: Vec<Daemon>,
+}
+
+fn partitioned_failover(name: &str, settings: Vec<(String, String)>) -> Partitioned {
     let w = Workdir::new();
     let mut a = cluster(
-        "rejoin-a",
+        &format!("{name}-a"),
         ClusterOptions {
             wal_segsize_mb: 1,
-            settings: vec![("wal_log_hints".into(), "on".into())],
+            settings,
             ..Default::default()
         },
     );
@@ -73,7 +87,7 @@ fn a_failed_over_primary_rejoins_as_a_standby_of_the_new_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut b = Cluster::adopt("rejoin-b", &b_data).unwrap();
+    let mut b = Cluster::adopt(&format!("{name}-b"), &b_data).unwrap();
     start_standby(&mut b, &a);
     wait_rows(&b, "select count(*) from t", "100", 30);
     // The link goes: A takes commits that never reach B (a partition).
@@ -96,7 +110,7 @@ fn a_failed_over_primary_rejoins_as_a_standby_of_the_new_one() {
         String::from_utf8_lossy(&out.stderr)
     );
     a.stop().unwrap();
-    // A's own settings, which a rewind from B would overwrite.
+    // A's own settings, which a rewind or a rebuild from B would overwrite.
     let hba = std::fs::read_to_string(a.data.join("pg_hba.conf")).unwrap() + "# A's own rule\n";
     std::fs::write(a.data.join("pg_hba.conf"), &hba).unwrap();
     // The way back: B ships to a spool on A's side.
@@ -107,6 +121,28 @@ fn a_failed_over_primary_rejoins_as_a_standby_of_the_new_one() {
     b.psql("insert into t select generate_series(2001, 2010)")
         .unwrap();
     wait_durable(&spool2, flush_lsn(&b), 30, &[&rx2, &tx2]);
+    Partitioned {
+        w,
+        a,
+        b,
+        spool1,
+        spool2,
+        hba,
+        _daemons: vec![rx1, tx1, rx2, tx2],
+    }
+}
+
+#[test]
+fn a_failed_over_primary_rejoins_as_a_standby_of_the_new_one() {
+    let Partitioned {
+        w: _w,
+        mut a,
+        b,
+        spool1,
+        spool2,
+        hba,
+        _daemons,
+    } = partitioned_failover("rejoin", vec![("wal_log_hints".into(), "on".into())]);
     let out = waltail(&[
         "rejoin",
         "--pgdata",
@@ -460,4 +496,60 @@ fn switchover_refuses_a_running_or_crashed_primary_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("use waltail failover"), "{err}");
     unchanged(&b);
+}
+
+/// Without wal_log_hints or data checksums pg_rewind cannot work: rejoin
+/// refuses (exit 2, nothing changed), and with --allow-rebuild takes a
+/// fresh base backup, keeping the node's own configuration.
+#[test]
+fn without_hints_rejoin_refuses_and_rebuilds_only_when_allowed() {
+    let Partitioned {
+        w: _w,
+        mut a,
+        b,
+        spool2,
+        hba,
+        _daemons,
+        ..
+    } = partitioned_failover("rebuild", vec![]);
+    let rejoin = |extra: &[&str]| {
+        let mut args = vec!["rejoin", "--pgdata", a.data.to_str().unwrap(), "--primary"];
+        let conninfo = b.conninfo();
+        args.push(&conninfo);
+        args.extend(["--spool", spool2.to_str().unwrap(), "--json"]);
+        args.extend(extra);
+        waltail(&args)
+    };
+    let out = rejoin(&[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("neither wal_log_hints nor data checksums") && err.contains("--allow-rebuild"),
+        "{err}"
+    );
+    assert!(
+        !a.data.join("standby.signal").exists(),
+        "a refused rejoin changed the node"
+    );
+    let out = rejoin(&["--allow-rebuild"]);
+    assert!(
+        out.status.success(),
+        "rejoin --allow-rebuild: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["action"], "rebuilt", "{r}");
+    assert_eq!(
+        std::fs::read_to_string(a.data.join("pg_hba.conf")).unwrap(),
+        hba
+    );
+    assert!(a.data.join("standby.signal").exists());
+    start_standby(&mut a, &b);
+    wait_rows(&a, "select count(*) from t", "110", 60);
+    assert_eq!(
+        a.psql("select count(*) from t where i between 1001 and 1100")
+            .unwrap(),
+        "0"
+    );
+    assert_eq!(a.psql("select pg_is_in_recovery()").unwrap(), "t");
 }
