@@ -168,9 +168,8 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
         )
         .into());
     }
-    // Stopped cleanly exactly where the new primary's timeline branched
-    // off (a switchover): nothing to rewind.
-    if let Some(sp) = clean_stop_before_fork(&c, &ctl, info.seg_size).await {
+    // The standby settings of the chosen style, on top of the node's files.
+    let write_standby_settings = || {
         crate::standby::configure(
             pgdata,
             exe,
@@ -179,7 +178,12 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
             Duration::from_millis(100),
             owner,
             major,
-        )?;
+        )
+    };
+    // Stopped cleanly exactly where the new primary's timeline branched
+    // off (a switchover): nothing to rewind.
+    if let Some(sp) = clean_stop_before_fork(&c, &ctl, info.seg_size).await {
+        write_standby_settings()?;
         return Ok(RejoinReport {
             pgdata: pgdata.to_path_buf(),
             action: "no rewind needed".into(),
@@ -240,21 +244,8 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
         .await?;
         // The fresh copy came with the new primary's files: the node's own
         // come back, then the standby settings go on top.
-        for (n, b) in &kept {
-            crate::fsio::write_atomic(&pgdata.join(n), b)?;
-            if let Some(r) = owner {
-                r.chown(&pgdata.join(n))?;
-            }
-        }
-        crate::standby::configure(
-            pgdata,
-            exe,
-            &std::path::absolute(o.spool)?,
-            o.style,
-            Duration::from_millis(100),
-            owner,
-            major,
-        )?;
+        put_back(pgdata, &kept, owner)?;
+        write_standby_settings()?;
         return Ok(RejoinReport {
             pgdata: pgdata.to_path_buf(),
             action: "rebuilt".into(),
@@ -295,24 +286,11 @@ pub async fn rejoin(exe: &Path, o: &Rejoin<'_>) -> Result<RejoinReport> {
         String::from_utf8_lossy(&out.stderr)
     );
     // Whatever pg_rewind did, the node's files come back.
-    for (n, b) in &kept {
-        crate::fsio::write_atomic(&pgdata.join(n), b)?;
-        if let Some(r) = owner {
-            r.chown(&pgdata.join(n))?;
-        }
-    }
+    put_back(pgdata, &kept, owner)?;
     if !out.status.success() {
         bail!("pg_rewind failed: {}", said.trim());
     }
-    crate::standby::configure(
-        pgdata,
-        exe,
-        &std::path::absolute(o.spool)?,
-        o.style,
-        Duration::from_millis(100),
-        owner,
-        major,
-    )?;
+    write_standby_settings()?;
     Ok(RejoinReport {
         pgdata: pgdata.to_path_buf(),
         action: if said.contains("no rewind required") {
@@ -359,4 +337,16 @@ async fn clean_stop_before_fork(
     let entries = crate::wal::history::parse_history(&String::from_utf8_lossy(&bytes)).ok()?;
     let sp = crate::wal::history::switchpoint_of(&entries, ctl.tli)?;
     (ctl.checkpoint < sp).then_some(sp)
+}
+
+/// Writes the node's own configuration files back (after pg_rewind or a
+/// fresh base backup brought the new primary's).
+fn put_back(pgdata: &Path, kept: &[(String, Vec<u8>)], owner: Option<RunAs>) -> Result<()> {
+    for (n, b) in kept {
+        crate::fsio::write_atomic(&pgdata.join(n), b)?;
+        if let Some(r) = owner {
+            r.chown(&pgdata.join(n))?;
+        }
+    }
+    Ok(())
 }

@@ -136,23 +136,7 @@ pub(super) async fn rig(method: Method, exe: &Path) -> Result<Rig> {
             }
             r.primary
                 .psql("select pg_create_physical_replication_slot('bench', true)")?;
-            let args: Vec<String> = [
-                "-D",
-                dir.to_str().unwrap_or(""),
-                "--slot",
-                "bench",
-                "--synchronous",
-                "--no-loop",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-p",
-                &r.primary.port.to_string(),
-            ]
-            .iter()
-            .map(|x| x.to_string())
-            .collect();
+            let args = receivewal_args(&dir, r.primary.port, Some("bench"));
             let tool = r.primary.bin.tool("pg_receivewal");
             let child = spawn_logged(&tool, &args, &p("receivewal.log"), run_as)?;
             r.children.push(("pg_receivewal".into(), child));
@@ -385,4 +369,29 @@ impl Rig {
         }
         Ok(())
     }
+}
+
+/// `pg_receivewal --synchronous` into `dir` from the server on loopback
+/// `port`, with a slot when given.
+pub(super) fn receivewal_args(dir: &Path, port: u16, slot: Option<&str>) -> Vec<String> {
+    let mut args: Vec<String> = vec!["-D".into(), dir.display().to_string()];
+    if let Some(s) = slot {
+        args.extend(["--slot".into(), s.into()]);
+    }
+    let port = port.to_string();
+    args.extend(
+        [
+            "--synchronous",
+            "--no-loop",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &port,
+        ]
+        .iter()
+        .map(|x| x.to_string()),
+    );
+    args
 }

@@ -102,22 +102,7 @@ async fn sync_rig(which: usize, exe: &Path, run_as: Option<RunAs>) -> Result<Syn
             if let Some(r) = run_as {
                 r.chown(&dir)?;
             }
-            let port = primary.port.to_string();
-            let args: Vec<String> = [
-                "-D",
-                dir.to_str().unwrap_or(""),
-                "--synchronous",
-                "--no-loop",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-p",
-                &port,
-            ]
-            .iter()
-            .map(|x| x.to_string())
-            .collect();
+            let args = super::rig::receivewal_args(&dir, primary.port, None);
             let tool = primary.bin.tool("pg_receivewal");
             children.push(spawn_logged(
                 &tool,
