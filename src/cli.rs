@@ -372,7 +372,7 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         #[arg(long)]
         seed: Option<u64>,
         /// Instead: the hot standby fed by `receive --serve` against native streaming
-        /// (commit-to-visible, standby host CPU); writes visible.json and visible.md.
+        /// (commit-to-visible, standby host CPU); writes visible.json, visible.md and visible-cdf.svg.
         #[arg(long)]
         visible: bool,
         /// Instead: what a synchronous commit costs with `ship --synchronous`, synchronous

@@ -169,10 +169,10 @@ fn walsender_messages_wake_the_shipper_and_the_spool_matches_the_primary() {
     }
 }
 
-/// The replication connection cannot be made: the shipper says so and the
-/// interval poll ships everything.
+/// The replication connection cannot be made: the shipper says so, and the
+/// write events (inotify) wake it meanwhile; everything reaches the spool.
 #[test]
-fn wal_reaches_the_spool_by_the_poll_when_the_walsender_cannot_be_reached() {
+fn wal_reaches_the_spool_on_write_events_when_the_walsender_cannot_be_reached() {
     if !cfg!(feature = "failpoints") {
         panic!("this test injects faults: run the suite with `cargo test --features failpoints` (the README's test command)");
     }
@@ -181,18 +181,26 @@ fn wal_reaches_the_spool_by_the_poll_when_the_walsender_cannot_be_reached() {
     let secret = w.secret("secret", SECRET);
     let spool = w.path("spool");
     let (rx, addr) = start_receiver(&w, &spool, &secret, &[]);
+    let metrics = free_addr();
     let tx = start_shipper_env(
         &w,
         &c,
         &addr,
         &secret,
-        &["--wake", "walsender", "--interval", "50ms"],
+        &["--wake", "walsender", "--metrics-addr", &metrics],
         &[("FAILPOINTS", "ship-walsender-connect=return")],
     );
     tx.wait_log(
-        &["replication connection to the primary failed", "poll alone"],
+        &["replication connection to the primary failed", "WAL writes"],
         30,
     );
     let n = commit_and_check(&c, &spool, &[&rx, &tx]);
     assert!(n >= 1, "only {n} segments compared");
+    // The wake-ups came from the watch: the walsender never connected.
+    let m = scrape_until(&metrics, "waltail_ship_wakeups_total", 1.0);
+    assert_eq!(
+        sample(&m, "waltail_ship_sync_connected"),
+        0.0,
+        "the walsender connection is not down:\n{m}"
+    );
 }

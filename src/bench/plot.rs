@@ -1,5 +1,6 @@
-//! The benchmark's picture: commit-to-durable latency CDFs per method, idle
-//! and under `pgbench -c 4`, side by side in one SVG (plotters).
+//! The benchmarks' pictures: latency CDFs per method or rig, idle and
+//! under `pgbench -c 4`, side by side in one SVG (plotters): commit to
+//! durable for the main bench, commit to visible for `bench --visible`.
 
 use std::path::Path;
 
@@ -17,31 +18,47 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
-/// Draws `latency_cdf.svg`-style panels into `path`.
+/// One line of each panel: a label and its samples (ms), each sorted.
+pub struct Series {
+    pub label: String,
+    pub idle: Vec<f64>,
+    pub pgbench: Vec<f64>,
+}
+
+/// Draws the commit-to-durable CDFs of the main bench into `path`.
 pub fn latency_cdfs(rs: &[MethodResult], path: &Path) -> Result<()> {
+    let all = |l: &Option<Latency>| l.as_ref().map(|l| l.all_ms.clone()).unwrap_or_default();
+    let series: Vec<Series> = rs
+        .iter()
+        .map(|r| Series {
+            label: r.label.clone(),
+            idle: all(&r.idle),
+            pgbench: all(&r.pgbench),
+        })
+        .collect();
+    cdfs(&series, "commit-to-durable", path)
+}
+
+/// Two panels of CDFs of `what` (idle, under pgbench) into the SVG `path`.
+pub fn cdfs(series: &[Series], what: &str, path: &Path) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
     let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let panels = root.split_evenly((1, 2));
-    let all: Vec<f64> = rs
+    let all: Vec<f64> = series
         .iter()
-        .flat_map(|r| [&r.idle, &r.pgbench])
-        .flatten()
-        .flat_map(|l| l.all_ms.iter().copied())
+        .flat_map(|r| r.idle.iter().chain(&r.pgbench).copied())
         .collect();
     let lo = all.iter().copied().fold(f64::MAX, f64::min).max(0.1) * 0.8;
     let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 10.0) * 1.25;
-    type Pick = fn(&MethodResult) -> &Option<Latency>;
+    type Pick = fn(&Series) -> &Vec<f64>;
     let sides: [(&str, Pick); 2] = [
         ("idle: single commits", |r| &r.idle),
         ("under pgbench -c 4", |r| &r.pgbench),
     ];
     for (panel, (title, pick)) in panels.iter().zip(sides) {
         let mut chart = ChartBuilder::on(panel)
-            .caption(
-                format!("commit-to-durable latency, {title}"),
-                ("sans-serif", 18),
-            )
+            .caption(format!("{what} latency, {title}"), ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(50)
@@ -53,12 +70,14 @@ pub fn latency_cdfs(rs: &[MethodResult], path: &Path) -> Result<()> {
             .y_desc("fraction of commits")
             .draw()
             .map_err(|e| err(&e))?;
-        for (i, r) in rs.iter().enumerate() {
-            let Some(l) = pick(r) else { continue };
-            let n = l.all_ms.len() as f64;
+        for (i, r) in series.iter().enumerate() {
+            let l = pick(r);
+            if l.is_empty() {
+                continue;
+            }
+            let n = l.len() as f64;
             let color = COLORS[i % COLORS.len()];
             let points: Vec<(f64, f64)> = l
-                .all_ms
                 .iter()
                 .enumerate()
                 .flat_map(|(k, &v)| [(v.max(lo), k as f64 / n), (v.max(lo), (k + 1) as f64 / n)])

@@ -5,7 +5,7 @@
 //! For each segment size (16 MB and 1 GB by default), two rigs, each with
 //! its own primary:
 //!
-//! * **stream**: `waltail ship --interval 1ms` into `waltail receive
+//! * **stream**: `waltail ship` with its defaults into `waltail receive
 //!   --serve` (SCRAM, loopback), and a standby made by `init-standby
 //!   --style stream`;
 //! * **native**: a standby streaming from the primary itself.
@@ -19,11 +19,15 @@
 //!   (utime + stime, plus cutime + cstime, which holds the restore_command
 //!   children the startup process has waited for): the standby's startup
 //!   process and walreceiver, and for the stream rig `waltail receive`
-//!   (receiver and server are one process). Over 10 s idle just after a
-//!   segment switch, 10 s idle with the current segment about 90 % full,
+//!   (receiver and server are one process). Over 20 s idle just after a
+//!   segment switch, 20 s idle with the current segment about 90 % full,
 //!   and during the pgbench probe;
 //! * *standby log lines at idle*: lines the standby's log gained during the
 //!   idle windows (a style that retries restore_command logs per retry).
+//!
+//! Written to `--out`: visible.json (with every sample), visible.md (the
+//! table, the profile, the targets) and visible-cdf.svg (the
+//! commit-to-visible CDFs of every rig).
 //!
 //! Targets (reported, not asserted): commit-to-visible p50 within 2x of
 //! native, idle and under pgbench; idle CPU within 2x of native and under
@@ -88,6 +92,9 @@ pub struct RigResult {
     pub cpu_by_process_idle_start: Vec<(String, f64)>,
     pub cpu_by_process_idle_end: Vec<(String, f64)>,
     pub standby_log_lines_idle: usize,
+    /// Every commit-to-visible sample, sorted (ms): the plot's lines.
+    pub visible_idle_all_ms: Vec<f64>,
+    pub visible_pgbench_all_ms: Vec<f64>,
 }
 
 /// One rig: a primary, a hot standby, and (stream) the waltail daemons.
@@ -412,7 +419,15 @@ async fn measure(r: &Rig, seg_mb: u32, secs: u64) -> Result<RigResult> {
     let (busy, cpu) = tokio::join!(probe(r, secs), cpu_over(r, Duration::from_secs(secs)));
     let _ = bench.wait();
     let (busy, busy_durable) = busy?;
+    let sorted = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let (visible_idle_all_ms, visible_pgbench_all_ms) = (sorted(&idle), sorted(&busy));
     Ok(RigResult {
+        visible_idle_all_ms,
+        visible_pgbench_all_ms,
         rig: r.name.clone(),
         segment_mb: seg_mb,
         visible_idle_ms: percentiles(idle),
@@ -446,6 +461,15 @@ pub async fn run(o: &VisibleOptions) -> Result<Vec<RigResult>> {
     std::fs::create_dir_all(&o.out)?;
     std::fs::write(o.out.join("visible.json"), serde_json::to_vec_pretty(&out)?)?;
     std::fs::write(o.out.join("visible.md"), table(&out))?;
+    let series: Vec<super::plot::Series> = out
+        .iter()
+        .map(|r| super::plot::Series {
+            label: format!("{}, {} MB segments", r.rig, r.segment_mb),
+            idle: r.visible_idle_all_ms.clone(),
+            pgbench: r.visible_pgbench_all_ms.clone(),
+        })
+        .collect();
+    super::plot::cdfs(&series, "commit-to-visible", &o.out.join("visible-cdf.svg"))?;
     Ok(out)
 }
 

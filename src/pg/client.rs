@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use tokio_postgres::{Client, NoTls};
 
-use crate::wal::{Lsn, SegmentSize, TimelineId, WalFileName};
+use crate::wal::{Lsn, SegmentName, SegmentSize, TimelineId, WalFileName};
 
 /// Connects; the connection task runs in the background until the client drops.
 pub async fn connect(conninfo: &str) -> Result<Client> {
@@ -127,6 +127,16 @@ pub struct FlushPoint {
 }
 
 impl FlushPoint {
+    /// A flush position learned elsewhere (a walsender's report) on
+    /// timeline `tli`: named as the segment that holds the byte at `lsn`.
+    pub fn on_timeline(tli: TimelineId, lsn: Lsn, seg_size: SegmentSize) -> FlushPoint {
+        FlushPoint {
+            lsn,
+            file_name: SegmentName::of_lsn(tli, lsn, seg_size).file_name(seg_size),
+            file_offset: lsn.segment_offset(seg_size),
+        }
+    }
+
     /// The timeline WAL is being written on, from the file name the server
     /// gave; None when that is not a segment name.
     pub fn timeline(&self, seg_size: SegmentSize) -> Option<TimelineId> {

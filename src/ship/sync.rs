@@ -10,8 +10,10 @@
 //!
 //! The WAL itself still goes from pg_wal through the shipper's own session:
 //! the walsender's XLogData is read and dropped, and used only as the
-//! wake-up (a walsender sends only flushed WAL, so a message means there is
-//! more to ship). The apply position is reported as invalid, as
+//! wake-up and its flush position: a walsender sends only flushed WAL, and
+//! each message's WAL end is the server's flush position when it was sent
+//! (`GetFlushRecPtr`), so the shipper sends up to it at once without asking
+//! the server again. The apply position is reported as invalid, as
 //! pg_receivewal does: nothing is replayed here, so `synchronous_commit =
 //! remote_apply` would wait for ever; `on` (remote flush) is the setting.
 //!
@@ -29,13 +31,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::poll::Backoff;
 use crate::pg::replication::{ReplicationConn, ServerMessage};
-use crate::wal::Lsn;
+use crate::wal::{Lsn, TimelineId};
+
+/// The primary's flush position as its walsender last reported it.
+pub type Flushed = watch::Sender<Option<(TimelineId, Lsn)>>;
 
 /// Status updates go out at least this often (wal_receiver_status_interval's default).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -52,12 +57,12 @@ pub struct SyncConfig {
 }
 
 /// Keeps the replication connection up until `shutdown`, reporting
-/// `durable` (the receiver's durable LSN) and notifying `wake` when the
-/// primary has flushed more WAL.
+/// `durable` (the receiver's durable LSN) and publishing in `wake` the
+/// primary's flush position each time it has flushed more WAL.
 pub async fn run(
     cfg: SyncConfig,
     mut durable: watch::Receiver<Option<Lsn>>,
-    wake: Arc<Notify>,
+    wake: Arc<Flushed>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(cfg.max_backoff);
@@ -74,6 +79,9 @@ pub async fn run(
             },
         };
         m.sync_connected.set(0);
+        // No flush position until the connection is back: the shipper
+        // wakes on WAL writes (inotify) and the poll meanwhile.
+        wake.send_replace(None);
         let wait = backoff.fail();
         if cfg.synchronous {
             warn!(
@@ -81,7 +89,7 @@ pub async fn run(
             );
         } else {
             warn!(
-                "the replication connection to the primary failed ({err:#}); waking on the poll alone until it is back; retrying in {wait:?}"
+                "the replication connection to the primary failed ({err:#}); waking on WAL writes and the poll until it is back; retrying in {wait:?}"
             );
         }
         tokio::select! {
@@ -94,7 +102,7 @@ pub async fn run(
 async fn stream(
     cfg: &SyncConfig,
     durable: &mut watch::Receiver<Option<Lsn>>,
-    wake: &Notify,
+    wake: &Flushed,
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
@@ -116,6 +124,8 @@ async fn stream(
     }
     backoff.reset();
     crate::metrics::ship().sync_connected.set(1);
+    // IDENTIFY_SYSTEM's position is the server's flush position.
+    wake.send_replace(Some((id.timeline, id.xlogpos)));
     let mut reported = Lsn(0);
     let mut status = tokio::time::interval(STATUS_INTERVAL);
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -138,10 +148,11 @@ async fn stream(
             }
             _ = status.tick() => c.send_status(reported, reported, false).await?,
             m = c.recv() => match m? {
-                ServerMessage::XLogData { start, len, .. } => {
-                    debug!(%start, len, "walsender: more WAL flushed");
+                ServerMessage::XLogData { start, len, wal_end } => {
+                    let end = start.checked_add(len as u64).map_or(wal_end, |e| e.max(wal_end));
+                    debug!(%start, len, %end, "walsender: more WAL flushed");
                     crate::metrics::ship().wakeups.inc();
-                    wake.notify_one();
+                    wake.send_replace(Some((id.timeline, end)));
                 }
                 ServerMessage::Keepalive { reply, .. } => {
                     if reply {

@@ -23,10 +23,11 @@
 //! not wake the shipper. Identical events that pile up unread are merged by
 //! the kernel, so a busy server costs at most one look per pass of the loop.
 //!
-//! `--wake walsender` sets no watch: the shipper holds a physical
-//! replication connection instead ([`super::sync`]), and each XLogData its
-//! walsender sends (which it does only once WAL is flushed) is the wake-up,
-//! at the moment of the flush rather than of the write.
+//! `--wake walsender`: the shipper holds a physical replication connection
+//! ([`super::sync`]), and each XLogData its walsender sends (which it does
+//! only once WAL is flushed) is the wake-up, at the moment of the flush
+//! rather than of the write, with the flush position in it. The watch is
+//! set up too, and waited on only while that connection is down.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -71,7 +72,7 @@ impl Wake {
     /// Watches `pg_wal` for writes; without one (mode `Poll`, or the watch
     /// could not be set up, which is logged) [`Wake::wait`] never returns.
     pub fn watch(mode: WakeMode, pg_wal: &Path) -> Wake {
-        if mode != WakeMode::Inotify {
+        if mode == WakeMode::Poll {
             return Wake { events: None };
         }
         let r = (|| -> std::io::Result<EventStream<Vec<u8>>> {
@@ -85,7 +86,9 @@ impl Wake {
         })();
         match r {
             Ok(events) => {
-                info!(dir = %pg_wal.display(), "waking on WAL writes (inotify), polling as the fallback");
+                if mode == WakeMode::Inotify {
+                    info!(dir = %pg_wal.display(), "waking on WAL writes (inotify), polling as the fallback");
+                }
                 Wake {
                     events: Some(events),
                 }
