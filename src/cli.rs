@@ -216,7 +216,8 @@ for good (fenced spool: see the walk-through; wrong secret; another cluster)."
         /// Fail over even though the receiver heard from a live primary.
         #[arg(long)]
         force: bool,
-        /// A primary heard from within this long counts as alive.
+        /// A primary heard from within this long counts as alive (the receiver
+        /// records what it hears about once a second: keep this at 2 s or more).
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         alive_window: Duration,
         /// How long to wait for replay and promotion (and for the fence command).
@@ -406,8 +407,10 @@ the server's user cannot read), with nothing written."
         pgdata: PathBuf,
         #[arg(long, env = "WALTAIL_SPOOL")]
         spool: PathBuf,
-        #[arg(long, value_enum, default_value = "standby")]
-        style: crate::standby::Style,
+        /// Default: stream when --serve is given (the hot standby with the least
+        /// lag and CPU; see the README's bench), else standby.
+        #[arg(long, value_enum)]
+        style: Option<crate::standby::Style>,
         /// wal_retrieve_retry_interval: how soon recovery reads a growing segment again.
         #[arg(long, default_value = "100ms", value_parser = parse_duration)]
         retry_interval: Duration,
@@ -721,8 +724,8 @@ fn runtime() -> (tokio::runtime::Runtime, CancellationToken) {
     )
 }
 
-/// A single-threaded runtime: the shipper is one loop, and at idle one
-/// thread wakes less often than a pool.
+/// A single-threaded runtime: the shipper and the receiver are each one
+/// loop, and at idle one thread wakes less often than a pool.
 fn runtime_single() -> (tokio::runtime::Runtime, CancellationToken) {
     with_runtime(
         tokio::runtime::Builder::new_current_thread()
@@ -1250,6 +1253,11 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
                     Some(t)
                 }
             };
+            let style = style.unwrap_or(if target.is_some() {
+                crate::standby::Style::Stream
+            } else {
+                crate::standby::Style::Standby
+            });
             if style == crate::standby::Style::Stream && target.is_none() {
                 return bad_input("init-standby", "--style stream needs --serve HOST:PORT (the address of `waltail receive --serve`)");
             }
@@ -1469,7 +1477,11 @@ fn run(cli: Cli, sub: &ArgMatches) -> u8 {
             };
             let (ltx, lrx) = tokio::sync::watch::channel(limits);
             cfg.reload = Some(lrx);
-            let (rt, token) = runtime();
+            // One thread: a commit's range goes from the shipper's socket to
+            // the spool, its fdatasync and the server's socket without a
+            // hand-off between threads (each a wait in a busy host's run
+            // queue); a catch-up's fdatasyncs run on the blocking pool.
+            let (rt, token) = runtime_single();
             let m = m.clone();
             let p = path.clone();
             on_sighup(&rt, move || {

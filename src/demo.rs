@@ -82,18 +82,25 @@ async fn run_inner(opts: &DemoOptions) -> Result<DemoResult> {
         (Vec::new(), None)
     };
     let interval = format!("{}ms", opts.interval.as_millis().max(1));
+    // A hot standby fed by the spool: the shipper is woken by the
+    // primary's walsender, at each flush, as the README sets it up.
+    let (wake, woken_by) = if opts.style == Style::Stream {
+        ("walsender", "the primary's walsender at each WAL flush")
+    } else {
+        ("inotify", "WAL writes")
+    };
     let pair = crate::pg::process::start_pair_with(
         &exe,
         &primary.conninfo(),
         work.path(),
-        &["--interval", &interval],
+        &["--interval", &interval, "--wake", wake],
         run_as,
         &extra,
     )?;
     let spool = pair.spool.clone();
     let (_rx, _tx) = (Daemon(pair.receive), Daemon(pair.ship));
     say(format!(
-        "waltail receive has WAL in spool {}; waltail ship wakes on WAL writes (a poll every {interval} as the safety net)",
+        "waltail receive has WAL in spool {}; waltail ship is woken by {woken_by} (a poll every {interval} as the safety net)",
         spool.display()
     ));
     load::create_table(&primary.conninfo(), "demo").await?;

@@ -105,13 +105,13 @@ pub fn setup_opts(
         pgdata.to_str().unwrap(),
         "--spool",
         spool.to_str().unwrap(),
-        "--style",
-        style,
         "--method",
         method,
     ];
-    if let Some(a) = &serve {
-        args.extend(["--serve", a, "--serve-password-file", pw.to_str().unwrap()]);
+    // The stream style is init-standby's default when --serve is given.
+    match &serve {
+        Some(a) => args.extend(["--serve", a, "--serve-password-file", pw.to_str().unwrap()]),
+        None => args.extend(["--style", style]),
     }
     let out = waltail(&args);
     assert!(

@@ -42,6 +42,7 @@
 
 pub mod loss;
 pub mod plot;
+mod procs;
 pub mod report;
 mod rig;
 pub mod sync;

@@ -322,7 +322,7 @@ impl Rig {
 
 /// The `application_name` waltail ship connects with in the bench, so its
 /// backend can be found.
-const SHIP_APP: &str = "waltail_ship";
+pub(super) const SHIP_APP: &str = "waltail_ship";
 
 /// Idle CPU of the method's processes over `window` (see the module header).
 pub(super) async fn idle_cpu(r: &Rig, window: Duration) -> Result<Vec<IdleCpu>> {

@@ -10,15 +10,22 @@
 //! deadline on each step, and at most `max_connections` connections are
 //! served at once, so idle or hostile clients cannot exhaust the receiver.
 //!
-//! Acks report only what is fsynced. A burst of frames (a catch-up) is
-//! written on and a sync started when the stream pauses, after 16 MB or
-//! after 4 ms (1 ms while under 1 MB), whichever comes first; a lone range is synced and acked at
-//! once, on the connection's own thread. A burst's fdatasync runs on a
-//! blocking thread on a duplicate of the
-//! partial's descriptor while the receiver reads and writes the next burst
-//! (at most one sync at a time; what arrived meanwhile is synced as soon as
-//! it returns). Its ack, and the recorded durable position, cover only what
-//! was written when that sync began.
+//! Acks report only what is fsynced, data and position file both. A burst
+//! of frames (a catch-up) is written on and a sync started when the stream
+//! pauses, after 16 MB or after 4 ms (1 ms while under 1 MB), whichever
+//! comes first; a lone range is synced and acked at once, on the
+//! connection's own thread. A burst's fdatasync runs on a blocking thread
+//! on a duplicate of the partial's descriptor while the receiver reads and
+//! writes the next burst (at most one sync at a time; what arrived
+//! meanwhile is synced as soon as it returns). Its ack, and the recorded
+//! durable position, cover only what was written when that sync began.
+//! `--serve` is told as soon as the data's fdatasync returns, one
+//! fdatasync (the position file's) before the ack.
+//!
+//! Liveness (the shipper's heartbeats, every poll) is kept in memory and
+//! written to status.json at most once a second unless something else
+//! changed: failover's `--alive-window` (2 s by default) reads it.
+//!
 //! On a write error (a full disk, a failed
 //! fsync) the receiver logs the reason, acks nothing more, drops what was not
 //! durable and closes the connection; the shipper reconnects and resumes at
@@ -89,18 +96,35 @@ struct Shared {
     writer: Mutex<Option<SpoolWriter>>,
     status: std::sync::Mutex<ReceiverStatus>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    /// The durable position, published after every fdatasync that moved it:
-    /// what `--serve` streams up to, and wakes on.
+    /// Where the spool's bytes are on disk, published after every
+    /// fdatasync of the data that moved it (before the position file's own
+    /// fdatasync and the ack): what `--serve` streams up to, and wakes on.
     durable: tokio::sync::watch::Sender<Option<(TimelineId, crate::wal::Lsn)>>,
 }
 
 impl Shared {
     fn publish_durable(&self, d: Option<(TimelineId, crate::wal::Lsn)>) {
-        if d.is_some() {
-            self.durable
-                .send_if_modified(|cur| std::mem::replace(cur, d) != d);
+        if let Some((tli, lsn)) = d {
+            publish(&self.durable, tli, lsn);
         }
     }
+}
+
+/// Moves what `--serve` may stream to `lsn` of `tli`: forward only on a
+/// timeline (a position file that failed to record bytes already on disk
+/// sends the writer back to its recorded position, but not the bytes).
+fn publish(
+    tx: &tokio::sync::watch::Sender<Option<(TimelineId, crate::wal::Lsn)>>,
+    tli: TimelineId,
+    lsn: crate::wal::Lsn,
+) {
+    tx.send_if_modified(|cur| {
+        let forward = cur.is_none_or(|(t, l)| t != tli || lsn > l);
+        if forward {
+            *cur = Some((tli, lsn));
+        }
+        forward
+    });
 }
 
 impl Shared {
@@ -287,8 +311,7 @@ impl Receiver {
         // Shut down cleanly: make what was written durable.
         let mut w = self.shared.writer.lock().await;
         if let Some(w) = w.as_mut() {
-            let _ =
-                tokio::task::block_in_place(|| crate::metrics::receive().time_fsync(|| w.sync()));
+            let _ = crate::metrics::receive().time_fsync(|| w.sync());
         }
         self.shared.update_status(|s| {
             s.state = ReceiverState::Stopped;
@@ -495,7 +518,12 @@ fn admit(shared: &Shared, hello: &Hello, writer: &mut Option<SpoolWriter>) -> Re
             .map_err(Refusal::other)?,
     }
     if writer.is_none() {
-        *writer = Some(SpoolWriter::open(shared.spool.clone(), seg_size).map_err(Refusal::other)?);
+        let mut w = SpoolWriter::open(shared.spool.clone(), seg_size).map_err(Refusal::other)?;
+        // `--serve` streams bytes once they are on disk, before the
+        // position file's own fdatasync and the ack.
+        let tx = shared.durable.clone();
+        w.on_synced(Box::new(move |tli, lsn| publish(&tx, tli, lsn)));
+        *writer = Some(w);
     }
     Ok(())
 }
@@ -576,10 +604,7 @@ where
             Frame::Data { tli, start, bytes } => {
                 if held.is_none() {
                     let f = lock_file.take().expect("lock file is back when not held");
-                    held = Some(tokio::task::block_in_place(|| {
-                        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockShared)
-                            .map_err(|(_, e)| anyhow::anyhow!("locking the spool: {e}"))
-                    })?);
+                    held = Some(lock_shared(f).await?);
                 }
                 if shared.spool.is_fenced() {
                     return Err(Refusal::fenced().into());
@@ -587,7 +612,8 @@ where
                 if writer.written().is_none() {
                     writer.start_at(tli, start)?;
                 }
-                tokio::task::block_in_place(|| writer.write(tli, start, &bytes))
+                writer
+                    .write(tli, start, &bytes)
                     .with_context(|| format!("writing {} bytes at {start}", bytes.len()))?;
                 bytes_written += bytes.len() as u64;
                 unsynced_bytes += bytes.len();
@@ -595,7 +621,7 @@ where
             }
             Frame::Heartbeat { flush, time_us: _ } => {
                 let now = now_ms();
-                if now >= last_status + 200 {
+                if now >= last_status + STATUS_EVERY_MS {
                     last_status = now;
                     let (durable, written, seg) =
                         (writer.durable(), writer.written(), writer.current_segment());
@@ -637,8 +663,12 @@ where
             // in the run queue on a busy host.
             unsynced = None;
             unsynced_bytes = 0;
-            let durable = tokio::task::block_in_place(|| m.time_fsync(|| writer.sync()))
+            m.time_fsync(|| writer.sync_data())
                 .context("making received WAL durable")?;
+            // The server, woken by the data's fdatasync onto this thread,
+            // sends it to the standbys while the position is recorded.
+            tokio::task::yield_now().await;
+            let durable = writer.sync().context("making received WAL durable")?;
             ack(shared, w, writer, durable).await?;
             release(&mut held, &mut lock_file)?;
         } else if inflight.is_none()
@@ -679,6 +709,22 @@ async fn start_sync<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
+/// Takes the spool's write lock, shared, for a batch of writes: at once
+/// unless a failover holds it (exclusive, to fence), then on a blocking
+/// thread, so that the server goes on streaming meanwhile.
+async fn lock_shared(f: std::fs::File) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let f = match Flock::lock(f, FlockArg::LockSharedNonblock) {
+        Ok(l) => return Ok(l),
+        Err((f, nix::errno::Errno::EWOULDBLOCK)) => f,
+        Err((_, e)) => anyhow::bail!("locking the spool: {e}"),
+    };
+    tokio::task::spawn_blocking(move || Flock::lock(f, FlockArg::LockShared))
+        .await
+        .context("locking the spool")?
+        .map_err(|(_, e)| anyhow::anyhow!("locking the spool: {e}"))
+}
+
 /// Releases the write lock (nothing written is waiting for a sync).
 fn release(
     held: &mut Option<nix::fcntl::Flock<std::fs::File>>,
@@ -711,6 +757,10 @@ async fn ack<W: tokio::io::AsyncWrite + Unpin>(
     s.note_durable(Some(durable), now_ms());
     Ok(())
 }
+
+/// status.json is rewritten (a file and a rename) at most this often for
+/// heartbeats alone: at idle it is the receiver's main cost.
+const STATUS_EVERY_MS: u64 = 1000;
 
 /// The longest a burst of frames goes unsynced, and the most bytes it may
 /// hold: while frames keep arriving the receiver writes on and syncs once

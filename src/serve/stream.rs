@@ -2,7 +2,8 @@
 //!
 //! Which bytes may go: on the spool's current timeline, everything below
 //! the receiver's durable position (the watch channel the receiver updates
-//! after each fdatasync); on an older timeline, everything below the point
+//! after each fdatasync of the data, before it records the position and
+//! acks); on an older timeline, everything below the point
 //! where it ended (from the current timeline's history file), after which
 //! the stream ends as a walsender ends it: CopyDone, the client's CopyDone,
 //! a result set with the next timeline and where it starts, CommandComplete.

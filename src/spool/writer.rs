@@ -10,6 +10,15 @@
 //! After any I/O error the writer forgets what it had not made durable
 //! (what a failed fsync leaves in the page cache cannot be trusted) and the
 //! next range must start at the durable position again.
+//!
+//! Two moments per sync: the bytes are on disk (the fdatasync of the
+//! segment returned), then the position file says so (its own fdatasync).
+//! Only the second may be acked to the shipper, whose slot then lets the
+//! primary recycle the WAL. The first is reported to [`SpoolWriter::on_synced`]'s
+//! hook, so that `receive --serve` streams bytes to a standby as soon as
+//! they are on disk, one fdatasync earlier: bytes the spool holds durably,
+//! which a restart after a power loss re-receives identical from the
+//! primary (the slot was not moved past them).
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -43,8 +52,12 @@ impl PendingSync {
     }
 }
 
+/// Told each position whose bytes are on disk, before the position file says so.
+pub type SyncedHook = Box<dyn Fn(TimelineId, Lsn) + Send + Sync>;
+
 pub struct SpoolWriter {
     spool: Spool,
+    synced_hook: Option<SyncedHook>,
     seg_size: SegmentSize,
     pos_file: File,
     tli: Option<TimelineId>,
@@ -60,6 +73,7 @@ impl SpoolWriter {
         let pos_file = spool.position_file()?;
         let mut w = SpoolWriter {
             spool,
+            synced_hook: None,
             seg_size,
             pos_file,
             tli: pos.map(|p| p.0),
@@ -80,6 +94,12 @@ impl SpoolWriter {
             }
         }
         Ok(w)
+    }
+
+    /// Calls `hook` with each position whose bytes are synced, just before
+    /// the position file records it (see the module header).
+    pub fn on_synced(&mut self, hook: SyncedHook) {
+        self.synced_hook = Some(hook);
     }
 
     /// The durable position, if any WAL was ever received.
@@ -129,6 +149,9 @@ impl SpoolWriter {
     /// position is durable, offered or acked.
     fn advance_durable(&mut self, to: Lsn) -> Result<()> {
         let tli = self.tli.unwrap_or(TimelineId(1));
+        if let Some(h) = &self.synced_hook {
+            h(tli, to);
+        }
         Spool::set_position(&self.pos_file, tli, to, true).map_err(|e| self.spool.io(e))?;
         self.durable = to;
         Ok(())
@@ -278,6 +301,20 @@ impl SpoolWriter {
     /// Makes everything written durable and records the position durably;
     /// returns it. Only what this returns may be acked.
     pub fn sync(&mut self) -> Result<Lsn> {
+        self.sync_data()?;
+        if self.durable != self.written {
+            if let Err(e) = self.advance_durable(self.written) {
+                self.reset_to_durable();
+                return Err(e);
+            }
+        }
+        Ok(self.durable)
+    }
+
+    /// The first half of [`SpoolWriter::sync`]: fdatasyncs what is written
+    /// and tells the [`SpoolWriter::on_synced`] hook, without recording the
+    /// position (nothing may be acked for it yet).
+    pub fn sync_data(&mut self) -> Result<()> {
         // Injected: fsync fails and, as Linux may do, the unsynced pages are
         // lost with it.
         fail::fail_point!("spool-sync", |_| {
@@ -296,13 +333,12 @@ impl SpoolWriter {
                 o.dirty = false;
             }
         }
-        if self.durable != self.written {
-            if let Err(e) = self.advance_durable(self.written) {
-                self.reset_to_durable();
-                return Err(e);
+        if let (Some(h), Some(tli)) = (&self.synced_hook, self.tli) {
+            if self.durable != self.written {
+                h(tli, self.written);
             }
         }
-        Ok(self.durable)
+        Ok(())
     }
 
     /// Starts a sync that runs beside the writer (the receiver reads and

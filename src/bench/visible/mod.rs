@@ -5,7 +5,7 @@
 //! For each segment size (16 MB and 1 GB by default), two rigs, each with
 //! its own primary:
 //!
-//! * **stream**: `waltail ship` with its defaults into `waltail receive
+//! * **stream**: `waltail ship --wake walsender` into `waltail receive
 //!   --serve` (SCRAM, loopback), and a standby made by `init-standby
 //!   --style stream`;
 //! * **native**: a standby streaming from the primary itself.
@@ -13,7 +13,8 @@
 //! What is measured, the same way on both:
 //!
 //! * *commit-to-visible*: a probe commits one row every 100 ms, then polls
-//!   the hot standby every 0.5 ms until the row is there; idle, and while
+//!   the hot standby every 0.2 ms (plus the query's round trip) until the
+//!   row is there; idle, and while
 //!   `pgbench -c 4` runs on the primary;
 //! * *standby host CPU*, percent of one core, from `/proc/<pid>/stat`
 //!   (utime + stime, plus cutime + cstime, which holds the restore_command
@@ -23,10 +24,18 @@
 //!   segment switch, 20 s idle with the current segment about 90 % full,
 //!   and during the pgbench probe;
 //! * *standby log lines at idle*: lines the standby's log gained during the
-//!   idle windows (a style that retries restore_command logs per retry).
+//!   idle windows (a style that retries restore_command logs per retry);
+//! * *the profile*: for each probe commit, when its WAL was on disk in the
+//!   spool (stream rig; the position file, polled) and on the standby's
+//!   disk (`pg_last_wal_receive_lsn()`, its walreceiver's flush), beside
+//!   when it became visible; and under pgbench, for every process on the
+//!   WAL's path of both hosts (walsender, ship and its backend, receive,
+//!   walreceiver, startup), its CPU and the time it was runnable but
+//!   waiting for a CPU (`/proc/<pid>/task/*/schedstat`), with the machine's
+//!   busy share ([`crate::bench::procs`]).
 //!
 //! Written to `--out`: visible.json (with every sample), visible.md (the
-//! table, the profile, the targets) and visible-cdf.svg (the
+//! table, the profile, the targets: [`table`]) and visible-cdf.svg (the
 //! commit-to-visible CDFs of every rig).
 //!
 //! Targets (reported, not asserted): commit-to-visible p50 within 2x of
@@ -39,10 +48,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+mod table;
+
+pub use table::table;
+
+use crate::bench::procs::WindowUse;
+use crate::bench::rig::SHIP_APP;
 use crate::pg::client::connect;
 use crate::pg::cluster::RunAs;
 use crate::pg::{Cluster, ClusterOptions};
 use crate::standby::Style;
+use crate::wal::Lsn;
 
 #[derive(Clone, Debug)]
 pub struct VisibleOptions {
@@ -80,17 +96,24 @@ pub struct RigResult {
     pub segment_mb: u32,
     pub visible_idle_ms: Option<Percentiles>,
     pub visible_pgbench_ms: Option<Percentiles>,
-    /// Stream rig, the profile: commit to durable in the spool (ship and
-    /// receive), the part of commit-to-visible the walsender cannot shorten.
+    /// The profile, stage by stage from the commit: on disk in the spool
+    /// (stream rig: ship and receive), then on the standby's disk (its
+    /// walreceiver's flush, `pg_last_wal_receive_lsn()`); the rest of
+    /// commit-to-visible is replay and the probe's own polling.
     pub durable_idle_ms: Option<Percentiles>,
     pub durable_pgbench_ms: Option<Percentiles>,
+    pub received_idle_ms: Option<Percentiles>,
+    pub received_pgbench_ms: Option<Percentiles>,
     /// Percent of one core, summed over the standby host's processes.
     pub cpu_idle_segment_start: f64,
     pub cpu_idle_segment_end: f64,
     pub cpu_pgbench: f64,
-    /// Per process, in the idle windows at the start and near the end of a segment.
-    pub cpu_by_process_idle_start: Vec<(String, f64)>,
-    pub cpu_by_process_idle_end: Vec<(String, f64)>,
+    /// Per process on the WAL's path, both hosts: in the idle windows at
+    /// the start and near the end of a segment, and under pgbench (CPU and
+    /// run-queue wait), with the machine's busy share.
+    pub idle_start: WindowUse,
+    pub idle_end: WindowUse,
+    pub pgbench: WindowUse,
     pub standby_log_lines_idle: usize,
     /// Every commit-to-visible sample, sorted (ms): the plot's lines.
     pub visible_idle_all_ms: Vec<f64>,
@@ -137,9 +160,11 @@ async fn stream_rig(exe: &Path, seg_mb: u32, run_as: Option<RunAs>) -> Result<Ri
     let (extra, target) = crate::pg::process::serve_on_loopback(work.path(), run_as)?;
     let pair = crate::pg::process::start_pair_with(
         exe,
-        &primary.conninfo(),
+        &format!("{} application_name={SHIP_APP}", primary.conninfo()),
         work.path(),
-        &[],
+        // Woken by the primary's walsender, as the README sets up a hot
+        // standby fed by `--serve`.
+        &["--wake", "walsender"],
         run_as,
         &extra,
     )?;
@@ -189,65 +214,44 @@ async fn native_rig(seg_mb: u32) -> Result<Rig> {
     })
 }
 
-/// CPU seconds of a process and of the children it waited for.
-fn cpu_with_children(pid: u32) -> f64 {
-    crate::pg::process::proc_cpu_seconds(pid, true)
-}
-
-/// The standby host's processes of a rig: (label, pid).
-fn standby_processes(r: &Rig) -> Vec<(String, u32)> {
-    let mut v = Vec::new();
-    let pm: u32 = std::fs::read_to_string(r.standby.data.join("postmaster.pid"))
-        .ok()
-        .and_then(|s| s.lines().next()?.trim().parse().ok())
-        .unwrap_or(0);
-    if let Ok(d) = std::fs::read_dir("/proc") {
-        for e in d.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid: u32 = stat
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().nth(1)?.parse().ok())
-                .unwrap_or(0);
-            if ppid != pm || pm == 0 {
-                continue;
-            }
-            let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            for what in ["startup", "walreceiver"] {
-                if cmd.contains(what) {
-                    v.push((format!("postgres {what}"), pid));
-                }
-            }
-        }
-    }
+/// The processes to watch: the standby host's (startup, walreceiver, and
+/// for the stream rig `waltail receive` with its server), then, on the
+/// primary, the rest of the WAL's path (walsenders; `waltail ship` and its
+/// SQL backend). (label, pid, on the standby host).
+async fn wal_path_processes(r: &Rig) -> Result<Vec<(String, u32, bool)>> {
+    let mut v: Vec<(String, u32, bool)> = crate::bench::procs::standby_processes(&r.standby.data)
+        .into_iter()
+        .map(|(l, p)| (l, p, true))
+        .collect();
     // The receiver is started first (receive, then ship).
     if let Some(d) = r.daemons.first() {
-        v.push(("waltail receive (+ server)".into(), d.id()));
+        v.push(("waltail receive (+ server)".into(), d.id(), true));
     }
-    v
+    if let Some(d) = r.daemons.get(1) {
+        v.push(("waltail ship".into(), d.id(), false));
+    }
+    let c = connect(&r.primary.conninfo()).await?;
+    for row in c
+        .query(
+            &format!("SELECT CASE WHEN backend_type = 'walsender' THEN 'postgres walsender' ELSE 'waltail ship backend' END, pid FROM pg_stat_activity WHERE backend_type = 'walsender' OR application_name = '{SHIP_APP}' ORDER BY 1"),
+            &[],
+        )
+        .await?
+    {
+        v.push((row.get(0), row.get::<_, i32>(1) as u32, false));
+    }
+    Ok(v)
 }
 
-/// CPU percent of one core over `window`, per process and summed.
-async fn cpu_over(r: &Rig, window: Duration) -> (f64, Vec<(String, f64)>) {
-    let procs = standby_processes(r);
-    let before: Vec<f64> = procs.iter().map(|p| cpu_with_children(p.1)).collect();
-    let t0 = Instant::now();
-    tokio::time::sleep(window).await;
-    let secs = t0.elapsed().as_secs_f64();
-    let per: Vec<(String, f64)> = procs
-        .iter()
-        .zip(before)
-        .map(|((l, pid), b)| {
-            (
-                l.clone(),
-                (cpu_with_children(*pid) - b).max(0.0) / secs * 100.0,
-            )
-        })
-        .collect();
-    (per.iter().map(|p| p.1).sum(), per)
+/// What the WAL path's processes cost over `window`.
+async fn usage_over(r: &Rig, window: Duration) -> Result<WindowUse> {
+    let procs = wal_path_processes(r).await?;
+    let labels: Vec<(String, u32)> = procs.iter().map(|p| (p.0.clone(), p.1)).collect();
+    let mut w = crate::bench::procs::over(&labels, window).await;
+    for (u, p) in w.processes.iter_mut().zip(&procs) {
+        u.standby_host = p.2;
+    }
+    Ok(w)
 }
 
 fn log_lines(c: &Cluster) -> usize {
@@ -256,21 +260,31 @@ fn log_lines(c: &Cluster) -> usize {
         .unwrap_or(0)
 }
 
+/// How often a probe commit is looked for (after each look's round trip).
+const POLL: Duration = Duration::from_micros(200);
+
+/// One workload's probe samples, ms from the commit.
+#[derive(Default)]
+struct Samples {
+    visible: Vec<f64>,
+    /// Stream rig only.
+    durable: Vec<f64>,
+    received: Vec<f64>,
+}
+
 /// Probe commits every 100 ms for `secs`; each polled on the standby until
-/// visible (and, stream rig, in the spool until durable). Milliseconds:
-/// (commit-to-visible, commit-to-durable).
-async fn probe(r: &Rig, secs: u64) -> Result<(Vec<f64>, Vec<f64>)> {
+/// visible and received (and, stream rig, in the spool until durable).
+async fn probe(r: &Rig, secs: u64) -> Result<Samples> {
     let spool = r
         .spool
         .as_ref()
         .map(|d| crate::spool::Spool { dir: d.clone() });
-    let mut durable = Vec::new();
+    let mut out = Samples::default();
     let p = connect(&r.primary.conninfo()).await?;
     let s = connect(&r.standby.conninfo()).await?;
     let check = s
-        .prepare("SELECT 1 FROM visible_probe WHERE id = $1")
+        .prepare("SELECT EXISTS (SELECT 1 FROM visible_probe WHERE id = $1), coalesce(pg_last_wal_receive_lsn()::text, '0/0')")
         .await?;
-    let mut out = Vec::new();
     let start = Instant::now();
     let mut id: i64 = 0;
     while start.elapsed() < Duration::from_secs(secs) {
@@ -279,32 +293,42 @@ async fn probe(r: &Rig, secs: u64) -> Result<(Vec<f64>, Vec<f64>)> {
         p.execute("INSERT INTO visible_probe VALUES ($1)", &[&id])
             .await?;
         let committed = Instant::now();
+        let ms = || committed.elapsed().as_secs_f64() * 1000.0;
         // At or past the end of the commit record; asked while the standby
         // is already being polled, so that the question delays nothing.
         let lsn_q = p.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]);
         tokio::pin!(lsn_q);
-        let mut lsn: Option<crate::wal::Lsn> = None;
+        let mut lsn: Option<Lsn> = None;
         let mut seen_durable = spool.is_none();
-        let mut seen_visible = false;
+        let (mut seen_visible, mut seen_received) = (false, false);
         let deadline = committed + Duration::from_secs(30);
         loop {
             if lsn.is_none() {
                 if let Ok(row) = tokio::time::timeout(Duration::ZERO, &mut lsn_q).await {
-                    let l: String = row?.get(0);
-                    lsn = Some(l.parse().map_err(|e| anyhow::anyhow!("{e:?}"))?);
+                    lsn = Some(parse_lsn(&row?.get::<_, String>(0))?);
                 }
             }
             if let (false, Some(sp), Some(l)) = (seen_durable, &spool, lsn) {
                 if sp.position().ok().flatten().is_some_and(|(_, d)| d >= l) {
-                    durable.push(committed.elapsed().as_secs_f64() * 1000.0);
+                    out.durable.push(ms());
                     seen_durable = true;
                 }
             }
-            if !seen_visible && !s.query(&check, &[&id]).await?.is_empty() {
-                out.push(committed.elapsed().as_secs_f64() * 1000.0);
-                seen_visible = true;
+            if !(seen_visible && seen_received) {
+                let row = s.query_one(&check, &[&id]).await?;
+                if !seen_received
+                    && lsn
+                        .is_some_and(|l| parse_lsn(&row.get::<_, String>(1)).is_ok_and(|r| r >= l))
+                {
+                    out.received.push(ms());
+                    seen_received = true;
+                }
+                if !seen_visible && row.get::<_, bool>(0) {
+                    out.visible.push(ms());
+                    seen_visible = true;
+                }
             }
-            if seen_visible && seen_durable {
+            if seen_visible && seen_durable && seen_received {
                 break;
             }
             if Instant::now() > deadline {
@@ -313,7 +337,9 @@ async fn probe(r: &Rig, secs: u64) -> Result<(Vec<f64>, Vec<f64>)> {
                     r.name
                 );
             }
-            tokio::time::sleep(Duration::from_micros(500)).await;
+            // tokio's timer has a 1 ms resolution, coarser than what is
+            // measured: the poll waits on this thread instead.
+            std::thread::sleep(POLL);
         }
         if lsn.is_none() {
             let _ = lsn_q.await?;
@@ -323,7 +349,11 @@ async fn probe(r: &Rig, secs: u64) -> Result<(Vec<f64>, Vec<f64>)> {
     }
     // Ids restart per run: empty the table for the next one.
     p.execute("TRUNCATE visible_probe", &[]).await?;
-    Ok((out, durable))
+    Ok(out)
+}
+
+fn parse_lsn(s: &str) -> Result<Lsn> {
+    s.parse().map_err(|e| anyhow::anyhow!("{s:?}: {e:?}"))
 }
 
 /// Writes WAL until the current segment is about 90 % full.
@@ -331,11 +361,11 @@ async fn fill_segment(r: &Rig, seg_mb: u32) -> Result<()> {
     let c = connect(&r.primary.conninfo()).await?;
     let seg = u64::from(seg_mb) << 20;
     loop {
-        let lsn: String = c
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await?
-            .get(0);
-        let lsn: crate::wal::Lsn = lsn.parse().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let lsn = parse_lsn(
+            &c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await?
+                .get::<_, String>(0),
+        )?;
         if lsn.0 % seg >= seg * 9 / 10 {
             return Ok(());
         }
@@ -397,15 +427,15 @@ async fn measure(r: &Rig, seg_mb: u32, secs: u64) -> Result<RigResult> {
     wait_caught_up(r).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let lines0 = log_lines(&r.standby);
-    let (cpu_start, per_start) = cpu_over(r, IDLE_WINDOW).await;
+    let idle_start = usage_over(r, IDLE_WINDOW).await?;
     let lines1 = log_lines(&r.standby);
-    let (idle, idle_durable) = probe(r, secs).await?;
+    let idle = probe(r, secs).await?;
     // Idle near the end of a segment.
     fill_segment(r, seg_mb).await?;
     wait_caught_up(r).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let lines2 = log_lines(&r.standby);
-    let (cpu_end, per) = cpu_over(r, IDLE_WINDOW).await;
+    let idle_end = usage_over(r, IDLE_WINDOW).await?;
     let lines3 = log_lines(&r.standby);
     // Under pgbench -c 4.
     let mut bench = r
@@ -416,29 +446,31 @@ async fn measure(r: &Rig, seg_mb: u32, secs: u64) -> Result<RigResult> {
         .spawn()
         .context("starting pgbench")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (busy, cpu) = tokio::join!(probe(r, secs), cpu_over(r, Duration::from_secs(secs)));
+    let (busy, pgbench) = tokio::join!(probe(r, secs), usage_over(r, Duration::from_secs(secs)));
     let _ = bench.wait();
-    let (busy, busy_durable) = busy?;
+    let (busy, pgbench) = (busy?, pgbench?);
     let sorted = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v
     };
-    let (visible_idle_all_ms, visible_pgbench_all_ms) = (sorted(&idle), sorted(&busy));
     Ok(RigResult {
-        visible_idle_all_ms,
-        visible_pgbench_all_ms,
         rig: r.name.clone(),
         segment_mb: seg_mb,
-        visible_idle_ms: percentiles(idle),
-        visible_pgbench_ms: percentiles(busy),
-        durable_idle_ms: percentiles(idle_durable),
-        durable_pgbench_ms: percentiles(busy_durable),
-        cpu_idle_segment_start: cpu_start,
-        cpu_idle_segment_end: cpu_end,
-        cpu_pgbench: cpu.0,
-        cpu_by_process_idle_start: per_start,
-        cpu_by_process_idle_end: per,
+        visible_idle_all_ms: sorted(&idle.visible),
+        visible_pgbench_all_ms: sorted(&busy.visible),
+        visible_idle_ms: percentiles(idle.visible),
+        visible_pgbench_ms: percentiles(busy.visible),
+        durable_idle_ms: percentiles(idle.durable),
+        durable_pgbench_ms: percentiles(busy.durable),
+        received_idle_ms: percentiles(idle.received),
+        received_pgbench_ms: percentiles(busy.received),
+        cpu_idle_segment_start: idle_start.standby_cpu_pct(),
+        cpu_idle_segment_end: idle_end.standby_cpu_pct(),
+        cpu_pgbench: pgbench.standby_cpu_pct(),
+        idle_start,
+        idle_end,
+        pgbench,
         standby_log_lines_idle: (lines1 - lines0) + (lines3 - lines2),
     })
 }
@@ -461,103 +493,14 @@ pub async fn run(o: &VisibleOptions) -> Result<Vec<RigResult>> {
     std::fs::create_dir_all(&o.out)?;
     std::fs::write(o.out.join("visible.json"), serde_json::to_vec_pretty(&out)?)?;
     std::fs::write(o.out.join("visible.md"), table(&out))?;
-    let series: Vec<super::plot::Series> = out
+    let series: Vec<crate::bench::plot::Series> = out
         .iter()
-        .map(|r| super::plot::Series {
+        .map(|r| crate::bench::plot::Series {
             label: format!("{}, {} MB segments", r.rig, r.segment_mb),
             idle: r.visible_idle_all_ms.clone(),
             pgbench: r.visible_pgbench_all_ms.clone(),
         })
         .collect();
-    super::plot::cdfs(&series, "commit-to-visible", &o.out.join("visible-cdf.svg"))?;
+    crate::bench::plot::cdfs(&series, "commit-to-visible", &o.out.join("visible-cdf.svg"))?;
     Ok(out)
-}
-
-fn lat(p: &Option<Percentiles>) -> String {
-    p.as_ref()
-        .map(|p| format!("{:.1} / {:.1} / {:.1}", p.p50, p.p99, p.max))
-        .unwrap_or_else(|| "-".into())
-}
-
-/// The tables and the targets, as markdown.
-pub fn table(rs: &[RigResult]) -> String {
-    let mut s = String::from(
-        "| rig | segment | commit-to-visible idle, ms (p50 / p99 / max) | under pgbench -c 4 | standby host CPU idle, segment start / near its end | under pgbench | standby log lines at idle |\n|---|---|---|---|---|---|---|\n",
-    );
-    for r in rs {
-        s.push_str(&format!(
-            "| {} | {} MB | {} | {} | {:.2}% / {:.2}% | {:.1}% | {} |\n",
-            r.rig,
-            r.segment_mb,
-            lat(&r.visible_idle_ms),
-            lat(&r.visible_pgbench_ms),
-            r.cpu_idle_segment_start,
-            r.cpu_idle_segment_end,
-            r.cpu_pgbench,
-            r.standby_log_lines_idle
-        ));
-    }
-    s.push_str("\nCPU by process at idle, % of a core (segment start; near its end):\n\n");
-    let fmt = |v: &[(String, f64)]| {
-        v.iter()
-            .map(|(l, c)| format!("{l} {c:.2}%"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    for r in rs {
-        s.push_str(&format!(
-            "- {} ({} MB): {}; {}\n",
-            r.rig,
-            r.segment_mb,
-            fmt(&r.cpu_by_process_idle_start),
-            fmt(&r.cpu_by_process_idle_end)
-        ));
-    }
-    s.push_str("\nProfile of the stream rig's commit-to-visible: commit to durable in the spool (ship + receive with its fdatasync), p50 / p99 / max ms; the rest is the walsender, the standby's walreceiver (its own fsync) and replay:\n\n");
-    for r in rs.iter().filter(|r| r.durable_idle_ms.is_some()) {
-        s.push_str(&format!(
-            "- {} MB: idle {}; under pgbench -c 4 {}\n",
-            r.segment_mb,
-            lat(&r.durable_idle_ms),
-            lat(&r.durable_pgbench_ms)
-        ));
-    }
-    s.push_str("\nTargets:\n\n");
-    let verdict = |ok: bool| if ok { "met" } else { "missed" };
-    for pair in rs.chunks(2) {
-        let [w, n] = pair else { continue };
-        let seg = w.segment_mb;
-        for (what, a, b) in [
-            ("idle", &w.visible_idle_ms, &n.visible_idle_ms),
-            (
-                "under pgbench -c 4",
-                &w.visible_pgbench_ms,
-                &n.visible_pgbench_ms,
-            ),
-        ] {
-            if let (Some(a), Some(b)) = (a, b) {
-                let ratio = a.p50 / b.p50.max(0.001);
-                s.push_str(&format!(
-                    "- {seg} MB, commit-to-visible p50 {what}: stream {:.1} ms vs native {:.1} ms ({ratio:.2}x; target within 2x): {}\n",
-                    a.p50,
-                    b.p50,
-                    verdict(ratio <= 2.0)
-                ));
-            }
-        }
-        let idle_w = w.cpu_idle_segment_start.max(w.cpu_idle_segment_end);
-        let idle_n = n.cpu_idle_segment_start.max(n.cpu_idle_segment_end);
-        let ratio = idle_w / idle_n.max(0.001);
-        s.push_str(&format!(
-            "- {seg} MB, standby host CPU idle: stream {idle_w:.2}% vs native {idle_n:.2}% ({ratio:.1}x; target within 2x): {}; under 1% of a core: {}\n",
-            verdict(ratio <= 2.0),
-            verdict(idle_w < 1.0)
-        ));
-        s.push_str(&format!(
-            "- {seg} MB, standby log lines at idle: {} (target 0): {}\n",
-            w.standby_log_lines_idle,
-            verdict(w.standby_log_lines_idle == 0)
-        ));
-    }
-    s
 }
