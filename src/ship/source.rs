@@ -37,7 +37,15 @@ pub struct WalSource {
     seg_size: SegmentSize,
     sysid: u64,
     cur: Option<(SegmentName, Mmap)>,
+    /// How much of `cur` (from its start, whole pages) was released.
+    released: usize,
 }
+
+/// Mapped pages are let go of in steps of at least this much: one madvise
+/// per step, over the new pages only (a call over the whole sent prefix of
+/// a 1 GB segment on every send cost the shipper a page-table walk of up to
+/// a gigabyte).
+const RELEASE_STEP: usize = 1 << 20;
 
 impl WalSource {
     pub fn new(pg_wal: PathBuf, seg_size: SegmentSize, sysid: u64) -> Self {
@@ -46,6 +54,7 @@ impl WalSource {
             seg_size,
             sysid,
             cur: None,
+            released: 0,
         }
     }
 
@@ -81,6 +90,7 @@ impl WalSource {
             }
             let m = map_readonly(&f).map_err(io)?;
             self.cur = Some((seg, m));
+            self.released = 0;
         }
         Ok(&self.cur.as_ref().expect("mapped above").1)
     }
@@ -126,7 +136,10 @@ impl WalSource {
             let start = seg.start_lsn(self.seg_size);
             if upto > start {
                 let n = ((upto.0 - start.0) as usize).min(map.len());
-                crate::fsio::release_pages(map, 0, n);
+                if n >= self.released + RELEASE_STEP || n == map.len() {
+                    crate::fsio::release_pages(map, self.released, n - self.released);
+                    self.released = n / 4096 * 4096;
+                }
             }
         }
     }
@@ -162,10 +175,14 @@ impl WalSource {
         }
         let sysid = self.sysid;
         let dir = self.pg_wal.display().to_string();
-        let map = self.map(seg)?;
+        self.map(seg)?;
         let page = from.page_lsn();
         let lo = (page.0 - seg_start.0) as usize;
         let hi = (to.0 - seg_start.0) as usize;
+        // Reading again what was released (a resumed stream) maps it back
+        // in: release it again as the stream passes it.
+        self.released = self.released.min(lo);
+        let map = &self.cur.as_ref().expect("mapped above").1;
         let mut checker = PageChecker::new(seg_size);
         checker.max_tli = Some(tli);
         checker.sysid = Some(sysid);

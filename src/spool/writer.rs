@@ -562,4 +562,42 @@ mod tests {
         assert_eq!(w.durable(), Some((TimelineId(1), Lsn(3000))));
         assert!(w.begin_sync().unwrap().is_none(), "nothing left to sync");
     }
+
+    #[test]
+    fn the_synced_hook_hears_of_bytes_on_disk_before_the_position_records_them() {
+        let d = tempfile::tempdir().unwrap();
+        let sp = Spool::create(d.path()).unwrap();
+        let mut w = SpoolWriter::open(sp.clone(), s1()).unwrap();
+        w.start_at(TimelineId(1), Lsn(0)).unwrap();
+        // What the hook was told, and what the position file said then.
+        let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (h, spool) = (heard.clone(), sp.clone());
+        w.on_synced(Box::new(move |tli, lsn| {
+            let recorded = spool.position().unwrap().map(|p| p.1);
+            h.lock().unwrap().push((tli, lsn, recorded));
+        }));
+        w.write(TimelineId(1), Lsn(0), &[1u8; 3000]).unwrap();
+        assert!(heard.lock().unwrap().is_empty(), "nothing synced yet");
+        assert_eq!(w.sync().unwrap(), Lsn(3000));
+        let first = heard.lock().unwrap()[0];
+        assert_eq!(first, (TimelineId(1), Lsn(3000), Some(Lsn(0))));
+        // Beside the writer: told when the sync returned, not before.
+        w.write(TimelineId(1), Lsn(3000), &[2u8; 500]).unwrap();
+        let p = w.begin_sync().unwrap().expect("bytes to sync");
+        let n = heard.lock().unwrap().len();
+        let r = p.run();
+        assert_eq!(heard.lock().unwrap().len(), n, "told before synced()");
+        assert_eq!(w.synced(p, r).unwrap(), Lsn(3500));
+        assert_eq!(
+            heard.lock().unwrap().last().copied(),
+            Some((TimelineId(1), Lsn(3500), Some(Lsn(3000))))
+        );
+        // A failed sync tells it nothing.
+        w.write(TimelineId(1), Lsn(3500), &[3u8; 10]).unwrap();
+        let p = w.begin_sync().unwrap().expect("bytes to sync");
+        let n = heard.lock().unwrap().len();
+        let e = std::io::Error::from_raw_os_error(libc::EIO);
+        assert!(w.synced(p, Err(e)).is_err());
+        assert_eq!(heard.lock().unwrap().len(), n);
+    }
 }
