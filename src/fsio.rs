@@ -33,19 +33,23 @@ pub fn map_readonly(file: &File) -> io::Result<Mmap> {
 /// `[offset, offset + len)` (rounded inward to whole pages), so a long-lived
 /// map of a large segment does not grow the resident set. The file's data is
 /// untouched: later reads fault the pages in again from the page cache.
-pub fn release_pages(map: &Mmap, offset: usize, len: usize) {
+///
+/// Returns where the released pages end (`offset` itself when none was).
+pub fn release_pages(map: &Mmap, offset: usize, len: usize) -> usize {
     const PAGE: usize = 4096;
     let start = offset.div_ceil(PAGE) * PAGE;
     let end = ((offset + len).min(map.len()) / PAGE) * PAGE;
-    if end > start {
-        // SAFETY: MADV_DONTNEED on a read-only, shared, file-backed mapping
-        // only drops this process's page table entries; the contents stay in
-        // the file and page cache and are read back on the next access. No
-        // reference into this range is held across this call by our callers.
-        let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
-        };
+    if end <= start {
+        return offset;
     }
+    // SAFETY: MADV_DONTNEED on a read-only, shared, file-backed mapping
+    // only drops this process's page table entries; the contents stay in
+    // the file and page cache and are read back on the next access. No
+    // reference into this range is held across this call by our callers.
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+    };
+    end
 }
 
 /// Fsyncs a directory, making renames and creations in it durable.

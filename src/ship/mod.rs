@@ -20,9 +20,11 @@
 //! reports on the stream's timeline is shipped at once, without a query.
 //! The watch is then waited on only while that connection is down. Why it
 //! is not the default: it needs a `replication` line in pg_hba.conf and a
-//! walsender slot, its walsender streams the WAL a second time to a process
-//! that reads it from pg_wal, and on this project's machine it measured no
-//! faster than the watch, which costs nothing while the server is idle.
+//! walsender slot, and its walsender streams the WAL a second time to a
+//! process that reads it from pg_wal; the watch needs nothing and costs
+//! nothing while the server is idle. Under load it is the faster of the two
+//! (no query per look: `bench --visible` in the README), so a hot standby
+//! fed by `receive --serve` is set up with it.
 //!
 //! **What it sends.** Only WAL at or below the flush position, whatever woke
 //! it: the bytes from the last position to the flush LSN, read out of

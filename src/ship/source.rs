@@ -137,8 +137,8 @@ impl WalSource {
             if upto > start {
                 let n = ((upto.0 - start.0) as usize).min(map.len());
                 if n >= self.released + RELEASE_STEP || n == map.len() {
-                    crate::fsio::release_pages(map, self.released, n - self.released);
-                    self.released = n / 4096 * 4096;
+                    self.released =
+                        crate::fsio::release_pages(map, self.released, n - self.released);
                 }
             }
         }

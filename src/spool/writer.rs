@@ -149,12 +149,18 @@ impl SpoolWriter {
     /// position is durable, offered or acked.
     fn advance_durable(&mut self, to: Lsn) -> Result<()> {
         let tli = self.tli.unwrap_or(TimelineId(1));
-        if let Some(h) = &self.synced_hook {
-            h(tli, to);
-        }
         Spool::set_position(&self.pos_file, tli, to, true).map_err(|e| self.spool.io(e))?;
         self.durable = to;
         Ok(())
+    }
+
+    /// Tells the [`SpoolWriter::on_synced`] hook that the bytes up to `to`
+    /// are on disk; each path that syncs calls it once, before it records
+    /// the position.
+    fn tell_synced(&self, to: Lsn) {
+        if let (Some(h), Some(tli)) = (&self.synced_hook, self.tli) {
+            h(tli, to);
+        }
     }
 
     /// Forgets everything not yet durable (after an I/O error).
@@ -295,6 +301,7 @@ impl SpoolWriter {
         let to = self.spool.segment_path(o.seg, self.seg_size);
         fs::rename(&from, &to).map_err(|e| self.spool.io(e))?;
         fsync_dir(&self.spool.dir).map_err(|e| self.spool.io(e))?;
+        self.tell_synced(self.written);
         self.advance_durable(self.written)
     }
 
@@ -333,10 +340,8 @@ impl SpoolWriter {
                 o.dirty = false;
             }
         }
-        if let (Some(h), Some(tli)) = (&self.synced_hook, self.tli) {
-            if self.durable != self.written {
-                h(tli, self.written);
-            }
+        if self.durable != self.written {
+            self.tell_synced(self.written);
         }
         Ok(())
     }
@@ -386,6 +391,7 @@ impl SpoolWriter {
         }
         if self.tli == Some(done.tli) && done.covers > self.durable && done.covers <= self.written {
             // The position is fsynced before anything may ack it.
+            self.tell_synced(done.covers);
             if let Err(e) = self.advance_durable(done.covers) {
                 self.reset_to_durable();
                 return Err(e);
